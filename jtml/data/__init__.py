@@ -1,0 +1,1 @@
+"""Indexes, datasets, datamodules, transforms and synthetic studies."""

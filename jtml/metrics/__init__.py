@@ -1,0 +1,1 @@
+"""torchmetrics Metrics for segmentation and pose."""

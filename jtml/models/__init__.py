@@ -1,0 +1,1 @@
+"""LightningModules: segmentation and pose networks."""
