@@ -12,14 +12,20 @@ import numpy as np
 import torch
 import trimesh
 
+from jtml.errors import JTMLError
 from jtml.geometry.camera import Camera
 from jtml.geometry.rotations import pose_to_matrix
 
 
 def project_mesh(vertices: np.ndarray, pose: np.ndarray, camera: Camera) -> np.ndarray:
     """Model vertices ``(N, 3)`` at a pose row ``(6,)`` → pixel coordinates ``(N, 2)`` (float64)."""
-    T = pose_to_matrix(np.asarray(pose, dtype=np.float64)).numpy()
+    pose = np.asarray(pose, dtype=np.float64)
+    if pose.shape != (6,) or not np.isfinite(pose).all():
+        raise JTMLError(f"a pose needs 6 finite numbers, got {pose.tolist()}")
+    T = pose_to_matrix(pose).numpy()
     P = vertices @ T[:3, :3].T + T[:3, 3]
+    if (P[:, 2] >= 0).any():
+        raise JTMLError(f"pose {pose.tolist()} puts the model at or behind the X-ray source (needs z < 0)")
     return camera.project(torch.from_numpy(P)).numpy()
 
 
@@ -71,12 +77,18 @@ def rasterize_triangles(tri_uv: np.ndarray, height: int, width: int) -> np.ndarr
     c1 = np.minimum(np.floor(xr - 0.5), width - 1).astype(np.int64) + 1  # exclusive
     ok = c1 > c0
     rows, c0, c1 = rows[ok], c0[ok], c1[ok]
-    stride = width + 1
-    events = np.bincount(rows * stride + c0, minlength=height * stride).astype(np.int32)
-    events -= np.bincount(rows * stride + c1, minlength=height * stride).astype(np.int32)
-    np.cumsum(events.reshape(height, stride), axis=1, out=events.reshape(height, stride))
-    return events.reshape(height, stride)[:, :width] > 0
-
+    if rows.size == 0:
+        return mask
+    # Accumulate only over the silhouette's bounding box (integer offsets keep it exact).
+    top, left = int(rows.min()), int(c0.min())
+    h, w = int(rows.max()) - top + 1, int(c1.max()) - left
+    stride = w + 1
+    base = (rows - top) * stride - left
+    events = np.bincount(base + c0, minlength=h * stride).astype(np.int32)
+    events -= np.bincount(base + c1, minlength=h * stride).astype(np.int32)
+    box = events.reshape(h, stride).cumsum(axis=1)[:, :w] > 0
+    mask[top : top + h, left : left + w] = box
+    return mask
 
 class SilhouetteRenderer:
     """Renders one implant model's silhouette through one camera at any number of poses."""

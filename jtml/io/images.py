@@ -17,6 +17,8 @@ from jtml.io.atomic import atomic_write
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
 _TIFF_LZW = 5
+# Decoding errors become one JTMLError naming the file; OpenCV's own log lines would only add noise.
+cv2.setLogLevel(0)  # 0 = silent
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:

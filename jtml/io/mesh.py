@@ -17,6 +17,8 @@ def read_stl(path: str | os.PathLike) -> trimesh.Trimesh:
     path = Path(path)
     if not path.is_file():
         raise JTMLError("STL file not found", path)
+    if path.stat().st_size == 0:
+        raise JTMLError("STL file is empty", path)
     try:
         mesh = trimesh.load_mesh(path, file_type="stl", process=False)
     except Exception as e:  # trimesh raises a zoo of types for corrupt files

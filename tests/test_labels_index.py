@@ -1,0 +1,148 @@
+"""`jtml labels` and `jtml index` through the real CLI entry point."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jtml.cli import main
+from jtml.data.index import read_index
+from jtml.io import Calibration, read_mask, write_calibration, write_image, write_mask, write_poses
+
+
+def _labels_args(study, out, parts=("fem", "tib")):
+    stl = {"fem": "KR_right_7_fem.stl", "tib": "KR_right_6_tib.stl"}
+    args = [
+        "labels",
+        "--images",
+        str(study),
+        "--calibration",
+        str(study / "calibration.txt"),
+        "--out",
+        str(out),
+    ]
+    for p in parts:
+        args += ["--model", f"{p}={study / stl[p]}", "--poses", f"{p}={study / (p + '.jts')}"]
+    return args
+
+
+def test_labels_reproduce_kneel1_hand_labels(kneel1, tmp_path, capsys):
+    assert main(_labels_args(kneel1, tmp_path / "out")) == 0
+    for part in ("fem", "tib"):
+        written = sorted((tmp_path / "out" / part).iterdir())
+        assert [p.name for p in written] == sorted(p.name for p in (kneel1 / "Labels" / part).iterdir())
+        for path in written:
+            ours = read_mask(path)
+            truth = read_mask(kneel1 / "Labels" / part / path.name)
+            assert ours.shape == (1024, 1024)
+            assert int((ours != truth).sum()) == 0, path.name
+
+
+def _copy_study(kneel1, dst):
+    dst.mkdir()
+    for name in (
+        "AT_K1_V1_0160.tif",
+        "AT_K1_V1_0170.tif",
+        "calibration.txt",
+        "KR_right_7_fem.stl",
+        "fem.jts",
+    ):
+        shutil.copy(kneel1 / name, dst / name)
+    return dst
+
+
+@pytest.mark.parametrize(
+    "mutate, problem",
+    [
+        (
+            lambda d: (d / "fem.jts").write_text("JT_EULER_312\nh\n1,2,-1000,0,0,0\n"),
+            "fem.jts: has 1 pose row",
+        ),
+        (
+            lambda d: (d / "calibration.txt").write_text("JT_INTCALIB\n1198\n"),
+            "calibration.txt: calibration has",
+        ),
+        (lambda d: (d / "KR_right_7_fem.stl").write_bytes(b""), "KR_right_7_fem.stl: STL file is empty"),
+        (lambda d: (d / "fem.jts").unlink(), "fem.jts: pose file not found"),
+        (
+            lambda d: (d / "fem.jts").write_text("JT_EULER_312\nh\n0,0,-1000,0,0,0\n0,0,500,0,0,0\n"),
+            "fem.jts: row 2 (AT_K1_V1_0170.tif): pose",
+        ),
+    ],
+)
+def test_labels_bad_input_one_error_nothing_written(kneel1, tmp_path, capsys, mutate, problem):
+    study = _copy_study(kneel1, tmp_path / "study")
+    mutate(study)
+    args = _labels_args(study, tmp_path / "out", parts=("fem",))
+    assert main(args) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln.lower()]
+    assert len(err) == 1 and err[0].startswith("error: ") and problem in err[0], err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.tif"))
+
+
+def test_cli_help_and_unknown_command():
+    out = subprocess.run([sys.executable, "-m", "jtml.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "labels" in out.stdout and "fit" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "jtml.cli", "frobnicate"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown command" in bad.stderr
+
+
+def _tiny_study(root, name, frames=3, size=32):
+    d = root / name
+    d.mkdir(parents=True)
+    write_calibration(d / "calibration.txt", Calibration(1198.0, 0.0, 0.0, 0.373 * 1024 / size))
+    rows = []
+    for i in range(frames):
+        img = np.full((size, size), 200, np.uint8)
+        img[8:16, 8 + i : 16 + i] = 40
+        write_image(d / f"{name}_{i:04d}.tif", img)
+        mask = img < 100
+        write_mask(d / "Labels" / "fem" / f"{name}_{i:04d}_label_fem.tif", mask)
+        rows.append([i, 0.0, -1000.0, 0.0, 0.0, 0.0])
+    write_poses(d / "fem.jts", np.array(rows))
+    return d
+
+
+def test_index_splits_by_study(tmp_path, capsys):
+    studies = [_tiny_study(tmp_path, f"subject{i}") for i in range(5)]
+    out = tmp_path / "index.csv"
+    args = ["index", "--studies", *map(str, studies), "--out", str(out), "--val", "0.2", "--test", "0.2"]
+    assert main([*args, "--seed", "3"]) == 0
+    rows = read_index(out, parts=["fem"])
+    assert len(rows) == 15
+    by_study: dict[str, set[str]] = {}
+    for r in rows:
+        by_study.setdefault(r.study, set()).add(r.split)
+        assert r.image.is_file() and r.masks["fem"].is_file() and r.calibration.is_file()
+        assert r.poses["fem"][2] == -1000.0
+    assert all(len(s) == 1 for s in by_study.values()), by_study  # no subject straddles splits
+    assert sorted(next(iter(s)) for s in by_study.values()) == ["test", "train", "train", "train", "val"]
+    # paths are relative to the CSV's folder so the index travels with its data
+    with open(out) as fh:
+        first = next(csv.DictReader(fh))
+    assert not first["image"].startswith("/")
+    # same seed, same split; the frame split mixes a study's frames across splits
+    assert main([*args, "--seed", "3", "--out", str(tmp_path / "again.csv")]) == 0
+    assert [r.split for r in read_index(tmp_path / "again.csv")] == [r.split for r in rows]
+    assert main([*args, "--split-by", "frame", "--out", str(tmp_path / "frames.csv")]) == 0
+    frame_rows = read_index(tmp_path / "frames.csv")
+    assert any(len({r.split for r in frame_rows if r.study == s}) > 1 for s in by_study)
+
+
+def test_index_bad_input(tmp_path, capsys):
+    good = _tiny_study(tmp_path, "ok")
+    (tmp_path / "empty").mkdir()
+    assert (
+        main(["index", "--studies", str(good), str(tmp_path / "empty"), "--out", str(tmp_path / "i.csv")])
+        == 2
+    )
+    assert "empty: study folder holds no frames" in capsys.readouterr().err
+    assert not (tmp_path / "i.csv").exists()
+    (good / "fem.jts").write_text("JT_EULER_312\nh\n0,0,-1000,0,0,0\n")
+    assert main(["index", "--studies", str(good), "--out", str(tmp_path / "i.csv")]) == 2
+    assert "fem.jts: has 1 pose row(s) but the study has 3 frame(s)" in capsys.readouterr().err
