@@ -90,6 +90,7 @@ def rasterize_triangles(tri_uv: np.ndarray, height: int, width: int) -> np.ndarr
     mask[top : top + h, left : left + w] = box
     return mask
 
+
 class SilhouetteRenderer:
     """Renders one implant model's silhouette through one camera at any number of poses."""
 

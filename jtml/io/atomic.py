@@ -20,6 +20,9 @@ def atomic_write(path: str | os.PathLike, suffix: str | None = None) -> Iterator
     )
     os.close(fd)
     tmp_path = Path(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; a study must be readable like any file
     try:
         yield tmp_path
         os.replace(tmp_path, path)
