@@ -1,0 +1,213 @@
+"""``jtml fit|validate|test|predict``: LightningCLI with jtml's run directories and W&B set-up.
+
+Every run gets its own directory ``<root>/<experiment>/<timestamp>-<id>/`` (root: the YAML's
+``trainer.default_root_dir``, else ``runs``), holding ``config.yaml``, ``checkpoints/``, the
+W&B offline run and ``run.json`` (status, provenance, checkpoint and final metrics). A run
+that fails before writing a checkpoint leaves no directory behind; one that fails later is
+marked ``"status": "failed"``. Each command ends by printing one JSON line: the summary.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from jsonargparse import Namespace
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
+from pytorch_lightning.loggers import WandbLogger
+
+from jtml.errors import JTMLError
+from jtml.provenance import git_info, package_versions
+
+RUN_RECORD = "run.json"
+
+
+def _class_path(node: Any) -> str:
+    return str(getattr(node, "class_path", "") or "") if isinstance(node, Namespace) else ""
+
+
+def _jsonable(metrics: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for k, v in sorted(metrics.items()):
+        value = float(v.item() if isinstance(v, torch.Tensor) else v)
+        out[k] = value if math.isfinite(value) else None
+    return out
+
+
+class RecordingSaveConfig(SaveConfigCallback):
+    """Saves the resolved config into the run directory (run-specific, so never a collision)
+    and into every W&B run, together with the git commit and package versions."""
+
+    def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        record = {"config": self.config.as_dict(), "git": git_info(), "versions": package_versions()}
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_hyperparams(record)
+                config_file = Path(trainer.log_dir or ".") / self.config_filename
+                if config_file.is_file():  # W&B syncs its run's files/ folder; its own config.yaml is taken
+                    shutil.copy(config_file, Path(logger.experiment.dir) / "jtml-config.yaml")
+
+
+class JTMLCLI(LightningCLI):
+    """LightningCLI over any jtml LightningModule/DataModule named by ``class_path`` in the YAML."""
+
+    def __init__(self, args: list[str]) -> None:
+        self.run_dir: Path | None = None
+        self.started = time.time()
+        super().__init__(
+            pl.LightningModule,
+            pl.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_callback=RecordingSaveConfig,
+            save_config_kwargs={"overwrite": True},
+            seed_everything_default=None,
+            args=args,
+            auto_configure_optimizers=False,
+        )
+
+    # -- run directory -------------------------------------------------------------------------
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config[self.subcommand]
+        seed = cfg.get("seed_everything")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise JTMLError(
+                f"the experiment must set seed_everything to an integer (got {seed!r}); "
+                "jtml never picks a silent seed"
+            )
+        configs = cfg.get("config") or []
+        experiment = Path(str(configs[-1])).stem if configs else "run"
+        self.run_dir = _new_run_dir(Path(cfg.trainer.get("default_root_dir") or "runs") / experiment)
+        _ACTIVE.append(self)
+        cfg.trainer.default_root_dir = str(self.run_dir)
+        loggers = cfg.trainer.get("logger")
+        for node in loggers if isinstance(loggers, list) else [loggers]:
+            path = _class_path(node)
+            if path.endswith("WandbLogger"):
+                node.init_args.save_dir = str(self.run_dir)
+                if not node.init_args.get("job_type"):
+                    node.init_args.job_type = self.subcommand
+            elif path.endswith(("CSVLogger", "TensorBoardLogger")):
+                node.init_args.save_dir = str(self.run_dir)
+                node.init_args.name = node.init_args.get("name") or "csv"
+                node.init_args.version = ""
+        for node in cfg.trainer.get("callbacks") or []:
+            if _class_path(node).endswith("ModelCheckpoint") and not node.init_args.get("dirpath"):
+                node.init_args.dirpath = str(self.run_dir / "checkpoints")
+
+    # -- summaries -----------------------------------------------------------------------------
+    def _wandb_run_dir(self) -> str | None:
+        for logger in self.trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                return str(Path(logger.experiment.dir).parent)
+        return None
+
+    def write_record(self, status: str, metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+        assert self.run_dir is not None
+        ckpt = next((c for c in self.trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
+        last = Path(ckpt.dirpath) / "last.ckpt" if ckpt and ckpt.dirpath else None
+        record = {
+            "status": status,
+            "command": self.subcommand,
+            "run_dir": str(self.run_dir),
+            "checkpoint": str(last) if last and last.is_file() else None,
+            "best_checkpoint": (ckpt.best_model_path or None) if ckpt else None,
+            "wandb_run": self._wandb_run_dir(),
+            "metrics": _jsonable(metrics if metrics is not None else self.trainer.callback_metrics),
+            "seconds": round(time.time() - self.started, 1),
+            "git": git_info(),
+            "versions": package_versions(),
+            "argv": ["jtml", *self._argv],
+        }
+        if self.trainer.is_global_zero:
+            tmp = self.run_dir / f".{RUN_RECORD}.tmp"
+            tmp.write_text(json.dumps(record, indent=2) + "\n")
+            os.replace(tmp, self.run_dir / RUN_RECORD)
+        return record
+
+    def _finish(self, metrics: dict[str, Any] | None = None) -> None:
+        record = self.write_record("finished", metrics)
+        if any(isinstance(lg, WandbLogger) for lg in self.trainer.loggers):
+            import wandb
+
+            wandb.finish()  # flush now, so the summary below is the last line of the output
+        if self.trainer.is_global_zero:
+            keys = ("run_dir", "checkpoint", "best_checkpoint", "wandb_run", "metrics")
+            print(json.dumps({k: record[k] for k in keys}), flush=True)
+
+    def after_fit(self) -> None:
+        self._finish()
+
+    def after_validate(self) -> None:
+        self._finish()
+
+    def after_test(self) -> None:
+        self._finish()
+
+
+def _is_rank_zero() -> bool:
+    return all(os.environ.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "NODE_RANK"))
+
+
+def _new_run_dir(parent: Path) -> Path:
+    """A fresh run directory, the same one on every rank of a distributed job.
+
+    Lightning's DDP launcher starts the other ranks from rank 0's environment, so rank 0 puts
+    the directory in ``JTML_RUN_DIR``; under SLURM every task derives it from the job id.
+    """
+    if os.environ.get("JTML_RUN_DIR"):
+        run_dir = Path(os.environ["JTML_RUN_DIR"])
+    elif os.environ.get("SLURM_JOB_ID"):
+        run_dir = parent / f"slurm-{os.environ['SLURM_JOB_ID']}-{os.environ.get('SLURM_RESTART_COUNT', '0')}"
+    else:
+        run_dir = parent / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    os.environ["JTML_RUN_DIR"] = str(run_dir)
+    return run_dir
+
+
+_ACTIVE: list[JTMLCLI] = []
+
+
+def _abandon_runs() -> None:
+    """After a failure: remove a run directory with no checkpoint, else mark it failed."""
+    if not _is_rank_zero():
+        return
+    for cli in _ACTIVE:
+        run_dir = cli.run_dir
+        if run_dir is None or not run_dir.exists():
+            continue
+        if not any(run_dir.rglob("*.ckpt")):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        else:
+            (run_dir / RUN_RECORD).write_text(
+                json.dumps({"status": "failed", "run_dir": str(run_dir)}) + "\n"
+            )
+    _ACTIVE.clear()
+
+
+def run_lightning(subcommand: str, args: list[str]) -> int:
+    """Run one Lightning sub-command; clean up or mark the run directory if it fails."""
+    JTMLCLI._argv = [subcommand, *args]  # recorded in run.json for `jtml reproduce`
+    _ACTIVE.clear()
+    try:
+        JTMLCLI([subcommand, *args])
+    except SystemExit as e:  # jsonargparse printed its usage error already (it names the key)
+        _abandon_runs()
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    except BaseException:
+        _abandon_runs()
+        raise
+    finally:
+        os.environ.pop("JTML_RUN_DIR", None) if _is_rank_zero() else None
+    _ACTIVE.clear()
+    return 0
