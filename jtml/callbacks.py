@@ -53,6 +53,7 @@ class WandbSegmentationImages(pl.Callback):
         self._images: list[torch.Tensor] = []
         self._masks: list[torch.Tensor] = []
         self._captions: list[str] = []
+        self._frozen = False  # set after the first validation epoch: the set never changes again
 
     @staticmethod
     def _wandb_logger(trainer: pl.Trainer) -> WandbLogger | None:
@@ -70,7 +71,9 @@ class WandbSegmentationImages(pl.Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if dataloader_idx != 0 or len(self._images) >= self.num_images or not self._active(trainer):
+        if dataloader_idx != 0 or self._frozen or len(self._images) >= self.num_images:
+            return
+        if not self._active(trainer):
             return
         if not isinstance(batch, dict) or "image" not in batch or "mask" not in batch:
             return
@@ -83,6 +86,7 @@ class WandbSegmentationImages(pl.Callback):
             self._captions.append("/".join(p for p in parts if p))
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._frozen = bool(self._images)
         if trainer.sanity_checking or not self._images or not self._active(trainer):
             return
         if trainer.current_epoch % self.every_n_epochs != 0:

@@ -15,6 +15,7 @@ import os
 import secrets
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -75,15 +76,19 @@ class JTMLCLI(LightningCLI):
             auto_configure_optimizers=False,
         )
 
-    # -- run directory -------------------------------------------------------------------------
-    def before_instantiate_classes(self) -> None:
-        cfg = self.config[self.subcommand]
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        cfg = self.config.get(str(self.config.get("subcommand")), self.config)
         seed = cfg.get("seed_everything")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise JTMLError(
                 f"the experiment must set seed_everything to an integer (got {seed!r}); "
                 "jtml never picks a silent seed"
             )
+
+    # -- run directory -------------------------------------------------------------------------
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config[self.subcommand]
         configs = cfg.get("config") or []
         experiment = Path(str(configs[-1])).stem if configs else "run"
         self.run_dir = _new_run_dir(Path(cfg.trainer.get("default_root_dir") or "runs") / experiment)
@@ -195,17 +200,31 @@ def _abandon_runs() -> None:
     _ACTIVE.clear()
 
 
+def _find_jtml_error(exc: BaseException | None) -> JTMLError | None:
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, JTMLError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def run_lightning(subcommand: str, args: list[str]) -> int:
     """Run one Lightning sub-command; clean up or mark the run directory if it fails."""
     JTMLCLI._argv = [subcommand, *args]  # recorded in run.json for `jtml reproduce`
     _ACTIVE.clear()
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     try:
         JTMLCLI([subcommand, *args])
     except SystemExit as e:  # jsonargparse printed its usage error already (it names the key)
         _abandon_runs()
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
-    except BaseException:
+    except BaseException as e:
         _abandon_runs()
+        cause = _find_jtml_error(e)
+        if cause is not None and cause is not e:
+            raise cause from None  # jsonargparse wraps errors raised while instantiating classes
         raise
     finally:
         os.environ.pop("JTML_RUN_DIR", None) if _is_rank_zero() else None

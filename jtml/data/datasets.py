@@ -1,0 +1,213 @@
+"""Segmentation samples from index rows: frame → network size → (invert) → augment → normalise.
+
+Geometry comes first so augmentation runs at the network size (cheap at 256², and the lab
+recipe, chosen for 1024² frames, means ``image_size: 1024``). Normalisation comes last so
+intensity augmentations see the stored value range (uint8 0–255, 16-bit frames as float 0–1).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset, get_worker_info
+
+from jtml.data.index import IndexRow
+from jtml.errors import JTMLError
+from jtml.io import read_calibration, read_image
+
+ResizeMode = Literal["resize", "crop"]
+Normalize = Literal["minmax", "meanstd", "none"]
+RESIZE_MODES = ("resize", "crop")
+NORMALIZE = ("minmax", "meanstd", "none")
+# ImageNet's RGB mean/std averaged to one channel: the pretrained encoders' input statistics.
+IMAGENET_GRAY_MEAN = 0.449
+IMAGENET_GRAY_STD = 0.226
+
+
+def rows_have_masks(rows: Sequence[IndexRow], parts: Sequence[str]) -> bool:
+    """Whether every row lists a mask for every part."""
+    return all(r.masks.get(p) is not None for r in rows for p in parts)
+
+
+@functools.lru_cache(maxsize=1024)
+def _pixel_size(path: str) -> float:
+    return read_calibration(path).pp
+
+
+def _pad_to(a: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Zero-pad (centred) to at least ``h × w``; the padding is background in frame and mask."""
+    dh, dw = max(0, h - a.shape[0]), max(0, w - a.shape[1])
+    if not dh and not dw:
+        return a
+    pad = [(dh // 2, dh - dh // 2), (dw // 2, dw - dw // 2)] + [(0, 0)] * (a.ndim - 2)
+    return np.pad(a, pad)
+
+
+class FluoroSegDataset(Dataset):
+    """One sample per index row: a normalised frame, its part masks and its pixel size.
+
+    ``__getitem__`` returns ``image`` float32 (1, S, S); ``mask`` float32 (P, S, S) in {0, 1}, one
+    channel per part in ``parts`` order (absent when ``masks`` is False); ``pixel_size`` float32
+    scalar (mm per network pixel); ``frame``, ``study`` (str) and ``index`` (int).
+
+    - ``resize_mode="resize"``: non-square frames are zero-padded to square (keeps the geometry
+      a uniform scale), then resized to ``image_size`` (area when shrinking); ``pixel_size`` =
+      calibration pixel size × original size / ``image_size``. ``"crop"``: an ``image_size``
+      window at native resolution (centred, or random with ``random_crop``; zero-padded when the
+      frame is smaller); ``pixel_size`` is the calibration's.
+    - ``invert``: ``max − value``. Frames on disk show implants dark; the JointTrack app feeds
+      its network 0–255 with implants WHITE, so ``invert: true`` matches what it sees.
+    - ``normalize``: ``"minmax"`` per frame to [0, 1] (independent of bit depth and exposure);
+      ``"meanstd"``: value / dtype max, then ``(x − mean) / std`` (default ImageNet gray, for
+      pretrained encoders); ``"none"``: stored values as float (0–255 or 0–65535, like the app).
+    - ``masks``: None reads masks when every row lists one for every part (a predict set
+      without labels gets no ``mask`` key); True requires them.
+    """
+
+    def __init__(
+        self,
+        rows: Sequence[IndexRow],
+        parts: Sequence[str],
+        image_size: int,
+        resize_mode: ResizeMode = "resize",
+        normalize: Normalize = "minmax",
+        invert: bool = False,
+        transform: Any | None = None,
+        mean: float = IMAGENET_GRAY_MEAN,
+        std: float = IMAGENET_GRAY_STD,
+        masks: bool | None = None,
+        random_crop: bool = False,
+    ) -> None:
+        if resize_mode not in RESIZE_MODES:
+            raise JTMLError(f"resize_mode must be one of {RESIZE_MODES}, got {resize_mode!r}")
+        if normalize not in NORMALIZE:
+            raise JTMLError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
+        if int(image_size) < 8:
+            raise JTMLError(f"image_size must be at least 8, got {image_size}")
+        if std <= 0:
+            raise JTMLError(f"std must be positive, got {std}")
+        self.rows = list(rows)
+        self.parts = list(parts)
+        self.image_size = int(image_size)
+        self.resize_mode = resize_mode
+        self.normalize = normalize
+        self.invert = bool(invert)
+        self.transform = transform
+        self.mean = float(mean)
+        self.std = float(std)
+        self.random_crop = bool(random_crop)
+        have_all = rows_have_masks(self.rows, self.parts)
+        self.masks = have_all if masks is None else bool(masks)
+        if self.masks and not have_all:
+            missing = next((r, p) for r in self.rows for p in self.parts if r.masks.get(p) is None)
+            raise JTMLError(f"frame {missing[0].frame} lists no {missing[1]} mask", missing[0].image)
+        self._seeded_for: tuple[int, int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _per_process(self) -> None:
+        """Once per process (and per epoch's workers): a fresh augmentation stream.
+
+        albumentations draws from the Compose's own generator, which forked workers would all
+        inherit in the same state: identical augmentations across workers and epochs. torch's
+        per-worker seed differs per worker and per epoch and follows ``seed_everything``.
+        (Never ``cv2.setNumThreads`` here: in a forked worker whose parent has started OpenCV's
+        thread pool it waits forever for threads that were not forked.)
+        """
+        info = get_worker_info()
+        key = (os.getpid(), info.seed if info is not None else torch.initial_seed())
+        if key == self._seeded_for:
+            return
+        self._seeded_for = key
+        if hasattr(self.transform, "set_random_seed"):
+            self.transform.set_random_seed(key[1] % 2**32)
+
+    def _geometry(
+        self, img: np.ndarray, mask: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray | None, float]:
+        s = self.image_size
+        if self.resize_mode == "crop":
+            img = _pad_to(img, s, s)
+            mask = None if mask is None else _pad_to(mask, s, s)
+            h, w = img.shape[:2]
+            if self.random_crop:
+                # torch's generator: seeded per DataLoader worker, unlike numpy's global one
+                y = int(torch.randint(0, h - s + 1, ()).item())
+                x = int(torch.randint(0, w - s + 1, ()).item())
+            else:
+                y, x = (h - s) // 2, (w - s) // 2
+            img = img[y : y + s, x : x + s]
+            mask = None if mask is None else mask[y : y + s, x : x + s]
+            return np.ascontiguousarray(img), None if mask is None else np.ascontiguousarray(mask), 1.0
+        side = max(img.shape[:2])
+        img = _pad_to(img, side, side)
+        mask = None if mask is None else _pad_to(mask, side, side)
+        if side != s:
+            # Area when shrinking (no aliasing), linear when enlarging; masks go through the
+            # same filter and are thresholded at half their range afterwards.
+            interp = cv2.INTER_AREA if side > s else cv2.INTER_LINEAR
+            img = cv2.resize(img, (s, s), interpolation=interp)
+            if mask is not None:
+                mask = cv2.resize(mask, (s, s), interpolation=interp).reshape(s, s, -1)
+        return img, mask, side / s
+
+    def _affine(self, img: np.ndarray, maxval: float) -> tuple[float, float]:
+        """``(a, b)`` with ``a · value + b`` the normalised intensity (one pass over the pixels)."""
+        unit = 255.0 if img.dtype == np.uint8 else 1.0  # augmented values: uint8, or float in [0, 1]
+        if self.normalize == "minmax":
+            lo, hi = cv2.minMaxLoc(img)[:2]
+            return (1.0 / (hi - lo), -lo / (hi - lo)) if hi > lo else (0.0, 0.0)
+        if self.normalize == "meanstd":
+            return 1.0 / (unit * self.std), -self.mean / self.std
+        return maxval / unit, 0.0
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        row = self.rows[index]
+        img = read_image(row.image)
+        mask = None
+        if self.masks:
+            # Masks were validated (size, binary) once by the DataModule's setup; a plain decode
+            # is enough here and keeps the loader fast.
+            chans = [read_image(row.masks[p]) for p in self.parts]
+            for p, m in zip(self.parts, chans, strict=True):
+                if m.shape != img.shape:
+                    raise JTMLError(
+                        f"{p} mask size {m.shape} differs from its frame's {img.shape}", row.masks[p]
+                    )
+            mask = np.stack(chans, axis=-1)
+        img, mask, scale = self._geometry(img, mask)
+        if mask is not None:  # {0, 255} (or area-averaged) -> {0, 1}: a 0.5 threshold
+            mask = (mask > 127).view(np.uint8)
+        maxval = float(np.iinfo(img.dtype).max)
+        if self.invert:
+            img = np.invert(img)  # max - value for unsigned integers
+        if img.dtype != np.uint8:  # albumentations handles uint8 and float32 in [0, 1]
+            img = img.astype(np.float32) / np.float32(maxval)
+        if self.transform is not None:
+            self._per_process()
+            out = self.transform(image=img, mask=mask) if mask is not None else self.transform(image=img)
+            img, mask = out["image"], out.get("mask")
+        a, b = self._affine(img, maxval)
+        x = np.multiply(img, np.float32(a), dtype=np.float32)
+        x += np.float32(b)
+        sample: dict[str, Any] = {
+            "image": torch.from_numpy(x).reshape(1, *x.shape[:2]),
+            "pixel_size": torch.tensor(_pixel_size(str(row.calibration)) * scale, dtype=torch.float32),
+            "frame": row.frame,
+            "study": row.study,
+            "index": int(index),
+        }
+        if mask is not None:
+            mask = mask.reshape(*mask.shape[:2], -1)
+            m = np.empty((mask.shape[2], *mask.shape[:2]), np.float32)
+            for c in range(mask.shape[2]):
+                np.greater(mask[..., c], 0, out=m[c])
+            sample["mask"] = torch.from_numpy(m)
+        return sample

@@ -1,0 +1,73 @@
+"""Every experiment YAML runs for one fast step (tiny size, one batch), so no config can rot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from jtml.cli import main
+
+EXPERIMENTS = sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.yaml"))
+CPU_ONE_STEP = [
+    "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32-true",
+    "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
+    "--trainer.num_sanity_val_steps", "0",
+]  # fmt: skip
+
+
+def _seg_data(tmp: Path) -> list[str]:
+    synth = {"out": str(tmp / "synth"), "frames": 5, "seed": 0, "size": 64}
+    return [
+        "--data.init_args.index", "null", "--data.init_args.studies", "null",
+        "--data.init_args.synthetic", json.dumps(synth), "--data.init_args.image_size", "64",
+        "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0",
+    ]  # fmt: skip
+
+
+def _pose_data(tmp: Path) -> list[str]:
+    synth = {"out": str(tmp / "synth"), "frames": 2, "seed": 0, "size": 256}
+    return [
+        "--data.init_args.synthetic", json.dumps(synth), "--data.init_args.train_samples", "4",
+        "--data.init_args.val_samples", "2", "--data.init_args.batch_size", "2",
+        "--data.init_args.num_workers", "0",
+    ]  # fmt: skip
+
+
+TINY_DATA = {
+    "jtml.data.datamodule.FluoroSegDataModule": _seg_data,
+    "jtml.data.pose.FluoroPoseDataModule": _pose_data,
+}
+
+
+def test_there_are_experiments():
+    names = {p.stem for p in EXPERIMENTS}
+    assert {"demo_seg", "jtml_hrnet_seg", "unet_r34_seg"} <= names
+
+
+@pytest.mark.parametrize("config", EXPERIMENTS, ids=[p.stem for p in EXPERIMENTS])
+def test_experiment_runs_one_fast_step(config, tmp_path, capsys):
+    spec = yaml.safe_load(config.read_text())
+    assert isinstance(spec.get("seed_everything"), int) and not isinstance(spec["seed_everything"], bool)
+    data_class = spec["data"]["class_path"]
+    assert data_class in TINY_DATA, f"{config.name}: add tiny-data overrides for {data_class} to this test"
+    args = [
+        "fit",
+        "--config",
+        str(config),
+        *CPU_ONE_STEP,
+        "--trainer.default_root_dir",
+        str(tmp_path / "runs"),
+    ]
+    code = main([*args, *TINY_DATA[data_class](tmp_path)])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert code == 0, out[-20:]
+    summary = json.loads(out[-1])
+    run_dir = Path(summary["run_dir"])
+    assert run_dir.parent == tmp_path / "runs" / config.stem
+    assert Path(summary["checkpoint"]).is_file()
+    assert (run_dir / "config.yaml").is_file()
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
+    assert any(k.startswith("val/") for k in summary["metrics"])

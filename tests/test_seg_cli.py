@@ -1,0 +1,126 @@
+"""The segmentation experiment end to end through `jtml fit|validate|test`, W&B offline files
+read back from disk (no mocked wandb), and the CLI's bad-input behaviour."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from jtml.cli import main
+from jtml.wandb_offline import read_offline_run
+
+DEMO = Path(__file__).resolve().parents[1] / "experiments" / "demo_seg.yaml"
+
+
+def _tiny(tmp: Path, study: str = "synth", seed: int = 0) -> list[str]:
+    synth = {"out": str(tmp / study), "frames": 8, "seed": seed, "size": 64}
+    return [
+        "--trainer.default_root_dir", str(tmp / "runs"), "--trainer.max_epochs", "2",
+        "--data.init_args.synthetic", json.dumps(synth), "--data.init_args.image_size", "64",
+        "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0",
+        "--data.init_args.val_fraction", "0.25", "--data.init_args.test_fraction", "0.25",
+    ]  # fmt: skip
+
+
+def _summary(capsys) -> dict:
+    out = capsys.readouterr().out.strip().splitlines()
+    return json.loads(out[-1])
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("demo")
+    buf = io.StringIO()  # a module-scoped fixture cannot use capsys
+    with contextlib.redirect_stdout(buf):
+        code = main(["fit", "--config", str(DEMO), *_tiny(tmp)])
+    assert code == 0
+    return tmp, json.loads(buf.getvalue().strip().splitlines()[-1])
+
+
+def test_fit_summary_and_run_directory(fitted):
+    tmp, summary = fitted
+    run_dir = Path(summary["run_dir"])
+    assert run_dir.parent == tmp / "runs" / "demo_seg"
+    assert Path(summary["checkpoint"]).name == "last.ckpt" and Path(summary["checkpoint"]).is_file()
+    assert Path(summary["best_checkpoint"]).is_file()
+    for key in ("val/dice_fem", "val/dice_tib", "val/dice_mean", "val/iou_mean", "val/loss"):
+        assert 0.0 <= summary["metrics"][key] <= (1.0 if "dice" in key or "iou" in key else 10.0)
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "finished" and record["git"]["sha"] and record["versions"]["torch"]
+    assert "SegmentationModule" in (run_dir / "config.yaml").read_text()
+
+
+def test_wandb_offline_run_holds_config_metrics_and_overlays(fitted):
+    _, summary = fitted
+    wandb_dir = Path(summary["wandb_run"])
+    assert wandb_dir.name.startswith("offline-run-")
+    run = read_offline_run(wandb_dir)
+    # the full resolved config and provenance
+    assert run.config["config"]["model"]["init_args"]["arch"] == "Unet"
+    assert run.config["git"]["sha"] and run.config["encoder_name"] == "resnet18"
+    assert (wandb_dir / "files" / "jtml-config.yaml").is_file()
+    # per-epoch metrics, grouped and stable, equal to what the summary printed
+    dice = run.series("val/dice_mean")
+    assert len(dice) == 2
+    assert dice[-1][1] == pytest.approx(summary["metrics"]["val/dice_mean"], abs=1e-7)
+    assert run.series("train/loss_epoch")
+    # the overlays of a fixed set of validation frames, each epoch
+    overlays = [h for h in run.history if "val/overlays/filenames" in h]
+    assert len(overlays) == 2
+    assert overlays[0]["val/overlays/captions"] == overlays[1]["val/overlays/captions"]
+    for name in overlays[-1]["val/overlays/filenames"]:
+        assert (wandb_dir / "files" / name).is_file()
+
+
+def test_validate_reproduces_final_fit_metrics(fitted, capsys):
+    tmp, summary = fitted
+    args = ["validate", "--config", str(DEMO), *_tiny(tmp), "--ckpt_path", summary["checkpoint"]]
+    assert main(args) == 0
+    again = _summary(capsys)["metrics"]
+    for key in ("val/dice_fem", "val/dice_tib", "val/dice_mean", "val/iou_mean"):
+        assert again[key] == pytest.approx(summary["metrics"][key], abs=1e-6), key
+
+
+def test_test_on_held_out_synthetic_study(fitted, capsys):
+    tmp, summary = fitted
+    args = [
+        "test",
+        "--config",
+        str(DEMO),
+        *_tiny(tmp, study="held_out", seed=5),
+        "--ckpt_path",
+        summary["checkpoint"],
+    ]
+    assert main(args) == 0
+    metrics = _summary(capsys)["metrics"]
+    for key in ("test/dice_fem", "test/dice_tib", "test/hd95_fem_px", "test/hd95_tib_mm"):
+        assert key in metrics and metrics[key] is not None
+
+
+def test_unknown_config_key_is_named(tmp_path, capsys):
+    code = main(
+        ["fit", "--config", str(DEMO), *_tiny(tmp_path), "--model.init_args.encoder_nmae", "resnet18"]
+    )
+    assert code != 0
+    assert "encoder_nmae" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("run.json"))
+
+
+def test_imagenet_weights_offline_is_one_clear_error(tmp_path, capsys):
+    code = main(
+        ["fit", "--config", str(DEMO), *_tiny(tmp_path), "--model.init_args.encoder_weights", "imagenet"]
+    )
+    assert code == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and "offline" in err[0] and "encoder_weights: /path/to/encoder.pth" in err[0]
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.*"))
+
+
+def test_seed_must_be_explicit(tmp_path, capsys):
+    code = main(["fit", "--config", str(DEMO), *_tiny(tmp_path), "--seed_everything", "true"])
+    assert code == 2
+    assert "seed_everything" in capsys.readouterr().err
