@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/jtml demo --config experiments/demo_seg.yaml
+	$(BIN)/jtml fit --config experiments/demo_seg.yaml
 
 lint: $(STAMP)
 	$(BIN)/ruff check jtml tests benchmarks

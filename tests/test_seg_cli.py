@@ -124,3 +124,38 @@ def test_seed_must_be_explicit(tmp_path, capsys):
     code = main(["fit", "--config", str(DEMO), *_tiny(tmp_path), "--seed_everything", "true"])
     assert code == 2
     assert "seed_everything" in capsys.readouterr().err
+
+
+def test_fine_tune_demo_model_on_kneel1_logs_dice_against_real_labels(kneel1, tmp_path, capsys):
+    """A few steps on the real study; the logged val Dice is recomputed here from the real TIFFs."""
+    import numpy as np
+    import torch
+
+    from jtml.data.datamodule import FluoroSegDataModule
+    from jtml.io import read_image, read_mask
+    from jtml.models.segmentation import SegmentationModule
+
+    args = [
+        "fit", "--config", str(DEMO), "--trainer.default_root_dir", str(tmp_path / "runs"),
+        "--trainer.max_epochs", "3", "--data.init_args.synthetic", "null",
+        "--data.init_args.studies", json.dumps([str(kneel1)]), "--data.init_args.image_size", "128",
+        "--data.init_args.batch_size", "1", "--data.init_args.num_workers", "0",
+        "--data.init_args.val_fraction", "0.34", "--data.init_args.test_fraction", "0",
+    ]  # fmt: skip
+    assert main(args) == 0
+    summary = _summary(capsys)
+    dm = FluoroSegDataModule(studies=[str(kneel1)], image_size=128, val_fraction=0.34, test_fraction=0.0)
+    (row,) = dm.split_rows("val")
+    model = SegmentationModule.load_from_checkpoint(summary["checkpoint"], map_location="cpu").eval()
+    frame = read_image(row.image).astype(np.float32)
+    small = frame.reshape(128, 8, 128, 8).mean(axis=(1, 3))
+    x = (small - small.min()) / (small.max() - small.min())
+    with torch.no_grad():
+        pred = torch.sigmoid(model(torch.from_numpy(x)[None, None].float()))[0].numpy() > 0.5
+    for channel, part in enumerate(("fem", "tib")):
+        label = read_mask(row.masks[part]).reshape(128, 8, 128, 8).mean(axis=(1, 3)) >= 0.5
+        assert label.sum() > 100  # the real hand label, downsampled
+        p = pred[channel]
+        both_empty = not p.any() and not label.any()
+        dice = 1.0 if both_empty else 2 * (p & label).sum() / (p.sum() + label.sum())
+        assert summary["metrics"][f"val/dice_{part}"] == pytest.approx(dice, abs=2e-3), part
