@@ -1,11 +1,10 @@
 """Train DataLoader throughput at 1024²: jtml's default lab recipe vs the exact-elastic one.
 
-Generates a synthetic 1024² study in a temporary folder (``jtml.data.synth`` when importable,
-otherwise plain frames with a dark disc and rectangle), runs ``FluoroSegDataModule``'s train
-loader for each recipe after a warm-up (worker start, first batches) and prints samples/s side
-by side with the CPU time per sample of the loader's processes (what the loader costs, whatever
-else the cores run), then one JSON line. The exact elastic costs seconds per frame, so it runs
-fewer batches.
+Generates a synthetic 1024² study in a temporary folder (``jtml.data.synth``), runs
+``FluoroSegDataModule``'s train loader for each recipe after a warm-up (worker start, first
+batches) and prints samples/s side by side with the CPU time per sample of the loader's
+processes (what the loader costs, whatever else the cores run), then one JSON line. The exact
+elastic costs seconds per frame, so it runs fewer batches.
 
     python benchmarks/loader.py [--batches 40] [--exact-batches 5] [--workers 2] [--batch-size 4]
 """
@@ -19,31 +18,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 
 def make_study(out: Path, frames: int, size: int) -> Path:
-    try:
-        from jtml.data.synth import generate_study
-    except ImportError:
-        generate_study = None
-    if generate_study is not None:
-        return generate_study(out, frames=frames, seed=0, size=size)
-    from jtml.io import Calibration, write_calibration, write_image, write_mask
+    from jtml.data.synth import generate_study
 
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[:size, :size]
-    for i in range(frames):
-        cy, cx, r = rng.uniform(0.3, 0.4) * size, rng.uniform(0.3, 0.7) * size, 0.12 * size
-        disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
-        rect = (yy > 0.55 * size) & (yy < 0.8 * size) & (np.abs(xx - cx) < 0.15 * size)
-        img = rng.normal(170, 12, (size, size))
-        img[disc | rect] = 50
-        write_image(out / f"frame_{i:04d}.tif", np.clip(img, 0, 255).astype(np.uint8))
-        write_mask(out / "Labels" / "fem" / f"frame_{i:04d}_label_fem.tif", disc)
-        write_mask(out / "Labels" / "tib" / f"frame_{i:04d}_label_tib.tif", rect)
-    write_calibration(out / "calibration.txt", Calibration(pd=1198.0, pp=0.373))
-    return out
+    return generate_study(out, frames=frames, seed=0, size=size)
 
 
 def _cpu_seconds(pids: list[int]) -> float:

@@ -50,9 +50,8 @@ def main() -> None:
     t0 = time.perf_counter()
     pixels = sum(int(renderer.render(p).sum()) for p in poses)
     dt = time.perf_counter() - t0
-    print(
-        f"model: {name}, {len(mesh.faces)} triangles; {args.n} masks at 1024x1024; mean area {pixels / args.n:.0f} px"
-    )
+    area = pixels / args.n
+    print(f"model: {name}, {len(mesh.faces)} triangles; {args.n} masks at 1024x1024; mean area {area:.0f} px")
     print(json.dumps({"render_masks_per_s": round(args.n / dt, 1)}))
 
 
