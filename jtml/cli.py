@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("jtml.commands.synth", "generate a synthetic study in the JointTrack on-disk layout"),
     "labels": ("jtml.commands.labels", "render label masks from tracked poses and STL models"),
     "index": ("jtml.commands.index", "index studies into a CSV with a train/val/test split"),
+    "export": ("jtml.commands.export", "export a trained checkpoint to TorchScript or ONNX for the JTML app"),
 }
 
 

@@ -158,6 +158,9 @@ class JTMLCLI(LightningCLI):
     def after_test(self) -> None:
         self._finish()
 
+    def after_predict(self) -> None:
+        self._finish()
+
 
 def _is_rank_zero() -> bool:
     return all(os.environ.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "NODE_RANK"))

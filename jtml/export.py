@@ -1,0 +1,237 @@
+"""Export a trained :class:`~jtml.models.segmentation.SegmentationModule` checkpoint for the JTML app.
+
+The exported model (:class:`JTMLAppModel`) follows the app's input contract, so the app needs no
+knowledge of how the network was trained:
+
+- **input**: one tensor ``1 × 1 × H × W`` float32 (``H × W`` = the ``size`` given at export,
+  square by default, 1024), RAW intensities 0–255 (no scaling, no normalisation), implants WHITE —
+  i.e. ``255 − frame`` for a frame file as stored on disk (implants dark); the app does that
+  inversion itself.
+- **output**: logits ``1 × P × H × W`` float32 (P = the checkpoint's ``parts``, in that order, e.g.
+  ``fem, tib``); ``sigmoid(logits) > 0.5`` (i.e. ``logits > 0``) is the mask, one channel per part.
+
+Inside, the wrapper reproduces :class:`jtml.data.datasets.FluoroSegDataset`'s preprocessing with the
+training datamodule's settings, read from the checkpoint's ``datamodule_hyper_parameters`` (written
+by ``jtml fit``; a checkpoint without them gets the :class:`FluoroSegDataModule` defaults, with a
+warning): back to the stored frame ``255 − x``; zero-padding (centred) to a square when H ≠ W; resize
+to the training ``image_size`` (``F.interpolate`` "area" when shrinking, rounded to whole grey levels
+like OpenCV's uint8 ``INTER_AREA`` — identical for integer factors such as 1024 → 256; bilinear when
+enlarging); ``invert`` (``255 − value``) when the network was trained with ``invert: true``;
+``normalize`` (``minmax`` per frame, ``meanstd`` with ``mean``/``std`` on value/255, or ``none``).
+The logits are resized back bilinearly to the padded square and the padding is cropped away.
+With ``resize_mode: crop`` the network runs on the whole (padded-to-square) frame at native
+resolution (H and W must then be divisible by ``2**encoder_depth``).
+
+Formats: TorchScript (``torch.jit.trace``, saved with ``torch.jit.save``; load with
+``torch.jit.load``) and ONNX (``torch.onnx.export``, opset 17, only when the ``onnx`` package is
+installed). Files are written atomically. Any other checkpoint (a pose model, a file without
+segmentation hyper-parameters, not a checkpoint at all) is one :class:`JTMLError` naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from jtml.errors import JTMLError
+from jtml.io import atomic_write
+
+__all__ = ["FORMATS", "JTMLAppModel", "export_segmentation", "load_segmentation_checkpoint", "preprocessing"]
+
+FORMATS = ("torchscript", "onnx")
+_SEG_KEYS = ("parts", "arch", "encoder_name")
+_PREPROCESSING_KEYS = ("image_size", "resize_mode", "normalize", "mean", "std", "invert")
+
+
+def preprocessing(datamodule_hparams: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The datamodule settings the wrapper reproduces (FluoroSegDataModule's defaults where missing)."""
+    import inspect
+
+    from jtml.data.datamodule import FluoroSegDataModule  # lazy: data imports albumentations
+
+    defaults = {
+        k: p.default
+        for k, p in inspect.signature(FluoroSegDataModule.__init__).parameters.items()
+        if k in _PREPROCESSING_KEYS
+    }
+    hp = dict(datamodule_hparams or {})
+    return {k: hp.get(k, defaults[k]) for k in _PREPROCESSING_KEYS}
+
+
+class JTMLAppModel(nn.Module):
+    """``1×1×H×W`` raw 0–255 frame with implants white → ``1×P×H×W`` logits (see the module docstring)."""
+
+    def __init__(
+        self,
+        network: nn.Module,
+        image_size: int,
+        resize_mode: str = "resize",
+        normalize: str = "minmax",
+        mean: float = 0.449,
+        std: float = 0.226,
+        invert: bool = False,
+    ) -> None:
+        super().__init__()
+        if normalize not in ("minmax", "meanstd", "none") or resize_mode not in ("resize", "crop"):
+            raise JTMLError(
+                f"unsupported preprocessing: normalize={normalize!r}, resize_mode={resize_mode!r}"
+            )
+        self.network = network
+        self.image_size = int(image_size)
+        self.resize_mode = resize_mode
+        self.normalize = normalize
+        self.mean = float(mean)
+        self.std = float(std)
+        self.invert = bool(invert)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, w = int(x.shape[-2]), int(x.shape[-1])
+        frame = 255.0 - x.float()  # the stored frame: implants dark
+        side = max(h, w)
+        top, left = (side - h) // 2, (side - w) // 2
+        if side != h or side != w:
+            frame = F.pad(frame, (left, side - w - left, top, side - h - top))
+        s = self.image_size if self.resize_mode == "resize" else side
+        if s < side:
+            # OpenCV's INTER_AREA on uint8, as the dataset does: box average, rounded to a grey level.
+            frame = torch.round(F.interpolate(frame, size=(s, s), mode="area"))
+        elif s > side:
+            frame = torch.round(F.interpolate(frame, size=(s, s), mode="bilinear", align_corners=False))
+            frame = frame.clamp(0.0, 255.0)
+        if self.invert:
+            frame = 255.0 - frame
+        if self.normalize == "minmax":
+            lo = frame.amin(dim=(-2, -1), keepdim=True)
+            hi = frame.amax(dim=(-2, -1), keepdim=True)
+            span = hi - lo
+            scale = torch.where(span > 0, 1.0 / span.clamp_min(1e-12), torch.zeros_like(span))
+            net_in = frame * scale - lo * scale
+        elif self.normalize == "meanstd":
+            net_in = frame * (1.0 / (255.0 * self.std)) - self.mean / self.std
+        else:
+            net_in = frame
+        logits = self.network(net_in)
+        if s != side:
+            logits = F.interpolate(logits, size=(side, side), mode="bilinear", align_corners=False)
+        return logits[:, :, top : top + h, left : left + w]
+
+
+def load_segmentation_checkpoint(ckpt_path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
+    """``(SegmentationModule in eval mode on the CPU, preprocessing settings)``; JTMLError names the file."""
+    from jtml.models.segmentation import SegmentationModule
+
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise JTMLError("checkpoint not found", path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a torch file, truncated, or holding arbitrary Python objects
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+        raise JTMLError(f"not a readable Lightning checkpoint ({type(e).__name__}: {first})", path) from None
+    if not isinstance(ckpt, Mapping) or "state_dict" not in ckpt:
+        raise JTMLError("not a Lightning checkpoint (no state_dict)", path)
+    hp = ckpt.get("hyper_parameters")
+    class_path = str(hp.get("_class_path", "")) if isinstance(hp, Mapping) else ""
+    if (
+        not isinstance(hp, Mapping)
+        or any(k not in hp for k in _SEG_KEYS)
+        or (class_path and not class_path.endswith("SegmentationModule"))
+    ):
+        found = class_path or (f"hyper-parameters {sorted(hp)[:8]}" if isinstance(hp, Mapping) else "none")
+        raise JTMLError(
+            f"not a segmentation checkpoint (SegmentationModule hyper-parameters "
+            f"{', '.join(_SEG_KEYS)}); found {found}",
+            path,
+        )
+    dm_hp = ckpt.get("datamodule_hyper_parameters")
+    if not isinstance(dm_hp, Mapping):
+        warnings.warn(
+            f"{path}: no datamodule_hyper_parameters (not trained with `jtml fit`); assuming the "
+            "FluoroSegDataModule defaults for preprocessing",
+            stacklevel=2,
+        )
+        dm_hp = None
+    try:
+        module = SegmentationModule.load_from_checkpoint(path, map_location="cpu")
+    except JTMLError as e:
+        raise JTMLError(e.message, path) from None
+    except Exception as e:
+        raise JTMLError(f"cannot load the segmentation model ({type(e).__name__}: {e})", path) from None
+    return module.eval(), preprocessing(dm_hp)
+
+
+def app_model(ckpt_path: str | os.PathLike) -> JTMLAppModel:
+    """The checkpoint wrapped in :class:`JTMLAppModel`, eval mode, CPU."""
+    module, prep = load_segmentation_checkpoint(ckpt_path)
+    model = JTMLAppModel(module.model, **prep).eval()  # the smp network alone: no losses or metrics
+    model.parts = list(module.parts)
+    return model
+
+
+def export_segmentation(
+    ckpt_path: str | os.PathLike, fmt: str, out: str | os.PathLike, size: int = 1024
+) -> dict[str, Any]:
+    """Export ``ckpt_path`` as ``fmt`` ("torchscript" or "onnx") to ``out`` for ``size``² app frames.
+
+    Returns a summary: ``out``, ``format``, ``input`` and ``output`` shapes, ``parts`` and the
+    preprocessing settings baked in.
+    """
+    if fmt not in FORMATS:
+        raise JTMLError(f"unknown export format {fmt!r}; choose from {FORMATS}")
+    if int(size) < 8:
+        raise JTMLError(f"size must be at least 8, got {size}")
+    out = Path(out)
+    if out.is_dir():
+        raise JTMLError("export target is a folder; give a file name", out)
+    if fmt == "onnx":
+        try:
+            import onnx  # noqa: F401  (torch.onnx.export needs it)
+        except ImportError:
+            raise JTMLError(
+                "ONNX export needs the 'onnx' package, which is not installed; install onnx (and "
+                "onnxruntime to run it) or use --format torchscript"
+            ) from None
+    model = app_model(ckpt_path)
+    parts = list(model.parts)
+    example = torch.zeros(1, 1, int(size), int(size))
+    example[..., size // 4 : size // 2, size // 4 : size // 2] = 255.0  # minmax needs some contrast
+    with torch.no_grad():
+        if fmt == "torchscript":
+            with warnings.catch_warnings():  # TracerWarning, and torch's deprecation notices of jit
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                warnings.simplefilter("ignore", FutureWarning)
+                traced = torch.jit.trace(model, example, check_trace=False)
+                with atomic_write(out) as tmp:
+                    torch.jit.save(traced, str(tmp))
+        else:
+            with atomic_write(out) as tmp:
+                torch.onnx.export(
+                    model,
+                    (example,),
+                    str(tmp),
+                    input_names=["image"],
+                    output_names=["logits"],
+                    opset_version=17,
+                )
+    return {
+        "out": str(out),
+        "format": fmt,
+        "input": [1, 1, int(size), int(size)],
+        "output": [1, len(parts), int(size), int(size)],
+        "parts": parts,
+        "preprocessing": {
+            "image_size": model.image_size,
+            "resize_mode": model.resize_mode,
+            "normalize": model.normalize,
+            "mean": model.mean,
+            "std": model.std,
+            "invert": model.invert,
+        },
+    }
