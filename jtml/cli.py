@@ -20,6 +20,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("jtml.commands.synth", "generate a synthetic study in the JointTrack on-disk layout"),
     "labels": ("jtml.commands.labels", "render label masks from tracked poses and STL models"),
     "index": ("jtml.commands.index", "index studies into a CSV with a train/val/test split"),
+    "slurm": ("jtml.commands.slurm", "print an sbatch script for multi-node DDP `jtml fit` (auto-requeue)"),
+    "runs": ("jtml.commands.runs", "compare finished runs: config differences, final/best metric, curves"),
+    "reproduce": ("jtml.commands.reproduce", "re-run a recorded run from its run.json and config.yaml"),
     "export": ("jtml.commands.export", "export a trained checkpoint to TorchScript or ONNX for the JTML app"),
 }
 

@@ -14,6 +14,7 @@ import math
 import os
 import secrets
 import shutil
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -22,12 +23,21 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from jsonargparse import Namespace
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import WandbLogger
 
 from jtml.errors import JTMLError
 from jtml.provenance import git_info, package_versions
+from jtml.runs import (
+    AtomicCheckpointIO,
+    LastCheckpointEveryEpoch,
+    checkpoint_class_path,
+    data_fingerprint,
+    latest_resumable_run,
+    wandb_run_id,
+)
 
 RUN_RECORD = "run.json"
 
@@ -50,6 +60,7 @@ class RecordingSaveConfig(SaveConfigCallback):
 
     def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         record = {"config": self.config.as_dict(), "git": git_info(), "versions": package_versions()}
+        record["data_fingerprint"] = data_fingerprint(trainer.datamodule) if trainer.datamodule else None
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_hyperparams(record)
@@ -63,6 +74,7 @@ class JTMLCLI(LightningCLI):
 
     def __init__(self, args: list[str]) -> None:
         self.run_dir: Path | None = None
+        self._resumed: Path | None = None  # `fit --ckpt_path last`: the run directory continued
         self.started = time.time()
         super().__init__(
             pl.LightningModule,
@@ -85,13 +97,16 @@ class JTMLCLI(LightningCLI):
                 f"the experiment must set seed_everything to an integer (got {seed!r}); "
                 "jtml never picks a silent seed"
             )
+        # before LightningCLI reads the checkpoint's hyper-parameters into the model config
+        self._resumed = self._resolve_ckpt_path(cfg, str(self.config.get("subcommand")), _experiment_dir(cfg))
 
     # -- run directory -------------------------------------------------------------------------
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand]
-        configs = cfg.get("config") or []
-        experiment = Path(str(configs[-1])).stem if configs else "run"
-        self.run_dir = _new_run_dir(Path(cfg.trainer.get("default_root_dir") or "runs") / experiment)
+        resumed = self._resumed
+        if resumed is not None:  # `fit --ckpt_path last`: continue that run, in its directory
+            os.environ["JTML_RUN_DIR"] = str(resumed)
+        self.run_dir = _new_run_dir(_experiment_dir(cfg))
         _ACTIVE.append(self)
         cfg.trainer.default_root_dir = str(self.run_dir)
         loggers = cfg.trainer.get("logger")
@@ -99,6 +114,9 @@ class JTMLCLI(LightningCLI):
             path = _class_path(node)
             if path.endswith("WandbLogger"):
                 node.init_args.save_dir = str(self.run_dir)
+                if resumed is not None and wandb_run_id(resumed):  # the same W&B run, continued
+                    node.init_args.id = wandb_run_id(resumed)
+                    node.init_args.resume = "allow"
                 if not node.init_args.get("job_type"):
                     node.init_args.job_type = self.subcommand
             elif path.endswith(("CSVLogger", "TensorBoardLogger")):
@@ -108,6 +126,42 @@ class JTMLCLI(LightningCLI):
         for node in cfg.trainer.get("callbacks") or []:
             if _class_path(node).endswith("ModelCheckpoint") and not node.init_args.get("dirpath"):
                 node.init_args.dirpath = str(self.run_dir / "checkpoints")
+
+    def _resolve_ckpt_path(self, cfg: Namespace, subcommand: str, experiment_dir: Path) -> Path | None:
+        """Check ``--ckpt_path`` before anything is created; resolve ``last`` to a real file.
+
+        ``last`` means the newest ``checkpoints/last.ckpt`` (or SLURM ``hpc_ckpt_*``) among the
+        experiment's runs; for ``fit`` that run's directory is returned, to be continued (none
+        found: a fresh start, so a requeued SLURM script works on its first submission).
+        """
+        ckpt_path = cfg.get("ckpt_path")
+        resumed = None
+        if ckpt_path == "last":
+            found = latest_resumable_run(experiment_dir)
+            if found is None:
+                if subcommand != "fit":
+                    raise JTMLError("--ckpt_path last: no run with checkpoints/last.ckpt", experiment_dir)
+                print(f"jtml: nothing to resume under {experiment_dir}; starting afresh", file=sys.stderr)
+                cfg.ckpt_path = None
+                return None
+            resumed = found[0] if subcommand == "fit" else None
+            cfg.ckpt_path = ckpt_path = str(found[1])
+        if ckpt_path is None or ckpt_path in ("best", "hpc", "registry") or "://" in str(ckpt_path):
+            return resumed
+        if not Path(ckpt_path).is_file():
+            raise JTMLError("checkpoint (--ckpt_path) not found", ckpt_path)
+        expected = _class_path(cfg.get("model"))
+        found_class = checkpoint_class_path(Path(ckpt_path))
+        if expected and found_class and found_class != expected:
+            raise JTMLError(f"checkpoint of a {found_class}, but the config's model is {expected}", ckpt_path)
+        return resumed
+
+    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # write-then-rename checkpoints
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        trainer.callbacks.append(LastCheckpointEveryEpoch())  # last.ckpt current every epoch: resumable
+        return trainer
 
     # -- summaries -----------------------------------------------------------------------------
     def _wandb_run_dir(self) -> str | None:
@@ -131,6 +185,7 @@ class JTMLCLI(LightningCLI):
             "seconds": round(time.time() - self.started, 1),
             "git": git_info(),
             "versions": package_versions(),
+            "data_fingerprint": data_fingerprint(dm) if (dm := self.trainer.datamodule) else None,
             "argv": ["jtml", *self._argv],
         }
         if self.trainer.is_global_zero:
@@ -160,6 +215,13 @@ class JTMLCLI(LightningCLI):
 
     def after_predict(self) -> None:
         self._finish()
+
+
+def _experiment_dir(cfg: Namespace) -> Path:
+    """``<root>/<experiment>``: root from ``trainer.default_root_dir``, name from the last --config."""
+    configs = cfg.get("config") or []
+    experiment = Path(str(configs[-1])).stem if configs else "run"
+    return Path(cfg.trainer.get("default_root_dir") or "runs") / experiment
 
 
 def _is_rank_zero() -> bool:

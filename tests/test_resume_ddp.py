@@ -1,0 +1,87 @@
+"""Multi-process DDP (gloo, CPU) through `python -m jtml.cli` in a subprocess: one JSON summary,
+a loadable checkpoint, and the same val Dice from 1 and 2 validating processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+DEMO = Path(__file__).resolve().parents[1] / "experiments" / "demo_seg.yaml"
+# 12 frames, split by frame: 6 train, 3 val (odd: DistributedSampler would pad it to 4), 3 test
+FRAMES, VAL = 12, 3
+CHECKPOINT = {
+    "class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
+    "init_args": {"monitor": "val/dice_mean", "mode": "max", "save_last": True, "save_top_k": 1},
+}
+
+
+def _tiny(tmp: Path) -> list[str]:
+    synth = {"out": str(tmp / "synth"), "frames": FRAMES, "seed": 0, "size": 64}
+    return [
+        "--trainer.default_root_dir", str(tmp / "runs"), "--trainer.deterministic", "true",
+        "--data.init_args.synthetic", json.dumps(synth), "--data.init_args.image_size", "64",
+        "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0",
+        "--data.init_args.val_fraction", "0.25", "--data.init_args.test_fraction", "0.25",
+        # W&B + the overlay callback hang 2-process CPU DDP at the setup barrier (rank 0 never
+        # reaches it; see the report): checked here without them, with the same ModelCheckpoint
+        "--trainer.logger", "false", "--trainer.callbacks", json.dumps([CHECKPOINT]),
+    ]  # fmt: skip
+
+
+def _ddp(devices: int) -> list[str]:
+    if devices == 1:
+        return ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto"]
+    # smp's ResNet encoder at encoder_depth 3 keeps layer4 unused: DDP must be told so
+    strategy = "ddp_find_unused_parameters_true"
+    return ["--trainer.accelerator", "cpu", "--trainer.devices", str(devices), "--trainer.strategy", strategy]
+
+
+def _jtml(*args: str, timeout: int = 420) -> tuple[dict, str]:
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("JTML_RUN_DIR", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "jtml.cli", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summaries = [ln for ln in proc.stdout.splitlines() if ln.startswith("{") and '"run_dir"' in ln]
+    assert len(summaries) == 1, proc.stdout[-3000:]  # rank zero only
+    return json.loads(summaries[0]), proc.stderr
+
+
+@pytest.fixture(scope="module")
+def ddp_fit(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp")
+    summary, _ = _jtml("fit", "--config", str(DEMO), *_tiny(tmp), *_ddp(2), "--trainer.max_epochs", "2")
+    return tmp, summary
+
+
+def test_ddp_fit_completes_with_one_summary_and_a_loadable_checkpoint(ddp_fit):
+    from jtml.models.segmentation import SegmentationModule
+
+    tmp, summary = ddp_fit
+    run_dirs = list((tmp / "runs" / "demo_seg").iterdir())
+    assert [str(p) for p in run_dirs] == [summary["run_dir"]]  # both ranks shared one run directory
+    model = SegmentationModule.load_from_checkpoint(summary["checkpoint"], map_location="cpu")
+    assert model.parts == ["fem", "tib"]
+    assert 0.0 <= summary["metrics"]["val/dice_mean"] <= 1.0
+    record = json.loads((Path(summary["run_dir"]) / "run.json").read_text())
+    assert record["status"] == "finished"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="Lightning's DistributedSampler pads the 3 val frames to 4 (one frame counted twice); "
+    "needs a non-padding val/test sampler in FluoroSegDataModule (use_distributed_sampler off)",
+)
+def test_validate_with_one_and_two_processes_agree_on_odd_val_size(ddp_fit):
+    tmp, summary = ddp_fit
+    ckpt = ["--ckpt_path", summary["checkpoint"]]
+    one, _ = _jtml("validate", "--config", str(DEMO), *_tiny(tmp), *_ddp(1), *ckpt)
+    two, _ = _jtml("validate", "--config", str(DEMO), *_tiny(tmp), *_ddp(2), *ckpt)
+    for key in ("val/dice_fem", "val/dice_tib", "val/dice_mean"):
+        assert two["metrics"][key] == pytest.approx(one["metrics"][key], abs=1e-6), key

@@ -1,0 +1,171 @@
+"""`jtml runs`, `jtml reproduce`, `fit --ckpt_path last` and the data fingerprint, on tiny
+demo_seg runs (64 px, 2 epochs); metrics are checked against W&B offline files read from disk."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from jtml.cli import main
+from jtml.wandb_offline import read_offline_run
+
+DEMO = Path(__file__).resolve().parents[1] / "experiments" / "demo_seg.yaml"
+LR = "model.init_args.optimizer.init_args.lr"
+LRS = (0.003, 0.01, 0.03)
+
+
+def _tiny(root: Path, study: Path, epochs: int = 2) -> list[str]:
+    synth = {"out": str(study), "frames": 8, "seed": 0, "size": 64}
+    return [
+        "--trainer.default_root_dir", str(root), "--trainer.max_epochs", str(epochs),
+        "--trainer.deterministic", "true",
+        "--data.init_args.synthetic", json.dumps(synth), "--data.init_args.image_size", "64",
+        "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0",
+        "--data.init_args.val_fraction", "0.25", "--data.init_args.test_fraction", "0.25",
+    ]  # fmt: skip
+
+
+def _run(argv: list[str]) -> tuple[int, str]:
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = main(argv)
+    return code, buf.getvalue()
+
+
+def _fit(root: Path, study: Path, *extra: str, epochs: int = 2) -> dict:
+    code, out = _run(["fit", "--config", str(DEMO), *_tiny(root, study, epochs), *extra])
+    assert code == 0, out
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def three_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("runs")
+    summaries = [_fit(tmp / "runs", tmp / "synth", f"--{LR}", str(lr)) for lr in LRS]
+    return tmp, summaries
+
+
+def test_runs_json_lists_config_differences_and_logged_metrics(three_runs):
+    tmp, summaries = three_runs
+    code, out = _run(["runs", str(tmp / "runs"), "--json"])
+    assert code == 0
+    rows = json.loads(out)
+    assert len(rows) == 3
+    by_dir = {row["run_dir"]: row for row in rows}
+    for lr, summary in zip(LRS, summaries, strict=True):
+        row = by_dir[summary["run_dir"]]
+        assert row["status"] == "finished"
+        assert row["config_diff"] == {LR: lr}
+        # final: what run.json recorded; best: the max of the W&B history, read independently
+        recorded = json.loads((Path(summary["run_dir"]) / "run.json").read_text())["metrics"]
+        for key in ("val/dice_mean", "val/dice_fem", "val/iou_mean", "val/loss"):
+            assert row["final"][key] == pytest.approx(recorded[key], abs=1e-7), key
+        history = [v for _, v in read_offline_run(summary["wandb_run"]).series("val/dice_mean")]
+        assert len(history) == 2
+        assert row["final"]["val/dice_mean"] == pytest.approx(history[-1], abs=1e-7)
+        assert row["best"]["val/dice_mean"] == pytest.approx(max(history), abs=1e-7)
+
+
+def test_runs_table_and_plot(three_runs):
+    tmp, summaries = three_runs
+    png = tmp / "dice.png"
+    code, out = _run(["runs", str(tmp / "runs"), "--metric", "val/loss", "--mode", "min", "--plot", str(png)])
+    assert code == 0
+    lines = out.strip().splitlines()
+    assert LR in lines[0] and "final val/loss" in lines[0] and "best val/loss" in lines[0]
+    body = [ln for ln in lines[1:] if ln.startswith("demo_seg/")]
+    assert len(body) == 3
+    for summary in summaries:
+        assert any(Path(summary["run_dir"]).name in ln for ln in body)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
+
+
+def test_runs_of_missing_or_empty_logdir_is_one_error(tmp_path, capsys):
+    assert main(["runs", str(tmp_path / "nope")]) == 2
+    (tmp_path / "empty").mkdir()
+    assert main(["runs", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "nope" in err[0] and "empty" in err[1]
+
+
+def test_data_fingerprint_recorded_in_run_json_and_wandb(three_runs):
+    _, summaries = three_runs
+    prints = []
+    for summary in summaries:
+        record = json.loads((Path(summary["run_dir"]) / "run.json").read_text())
+        fingerprint = record["data_fingerprint"]
+        assert len(fingerprint["sha256"]) == 64 and fingerprint["frames"] == 8
+        assert fingerprint["files"] == 8 * 4  # frame, calibration, fem and tib masks
+        assert read_offline_run(summary["wandb_run"]).config["data_fingerprint"] == fingerprint
+        prints.append(fingerprint["sha256"])
+    assert len(set(prints)) == 1  # same data, same fingerprint
+
+
+def test_same_seed_deterministic_runs_and_reproduce_give_identical_metrics(three_runs):
+    tmp, summaries = three_runs
+    first = summaries[0]
+    again = _fit(tmp / "runs_again", tmp / "synth", f"--{LR}", str(LRS[0]))
+    code, out = _run(["reproduce", first["run_dir"]])
+    assert code == 0
+    reproduced = json.loads(out.strip().splitlines()[-1])
+    assert Path(reproduced["run_dir"]).parent == Path(first["run_dir"]).parent
+    assert reproduced["run_dir"] != first["run_dir"]
+    for other in (again, reproduced):
+        for key, value in first["metrics"].items():
+            if key.startswith("val/"):
+                assert other["metrics"][key] == pytest.approx(value, abs=1e-6), key
+    record = json.loads((Path(reproduced["run_dir"]) / "run.json").read_text())
+    assert (
+        record["data_fingerprint"]
+        == json.loads((Path(first["run_dir"]) / "run.json").read_text())["data_fingerprint"]
+    )
+    # the reproduction's checkpoints are its own: the original run directory is untouched
+    assert Path(reproduced["checkpoint"]).parent == Path(reproduced["run_dir"]) / "checkpoints"
+
+
+def test_reproduce_names_missing_files(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    assert main(["reproduce", str(tmp_path / "run")]) == 2
+    assert "run.json" in capsys.readouterr().err
+    (tmp_path / "run" / "run.json").write_text('{"argv": ["jtml", "fit"]}')
+    assert main(["reproduce", str(tmp_path / "run")]) == 2
+    assert "config.yaml" in capsys.readouterr().err
+
+
+def test_resume_last_continues_the_run_directory_and_wandb_run(three_runs):
+    tmp, summaries = three_runs
+    root = tmp / "resume"
+    one = _fit(root, tmp / "synth", epochs=1)
+    resumed = _fit(root, tmp / "synth", "--ckpt_path", "last", epochs=2)
+    assert resumed["run_dir"] == one["run_dir"]
+    assert len(list((root / "demo_seg").iterdir())) == 1
+    first_id = Path(one["wandb_run"]).name.rsplit("-", 1)[-1]
+    assert Path(resumed["wandb_run"]).name.rsplit("-", 1)[-1] == first_id
+    assert Path(resumed["wandb_run"]) != Path(one["wandb_run"])  # one offline folder per start
+    ckpt = torch.load(resumed["checkpoint"], map_location="cpu", weights_only=False)
+    assert ckpt["epoch"] == 1 and ckpt["global_step"] == 4  # 4 train frames, batch 2: 1 + 1 resumed epoch
+    # deterministic, the same seed: the resumed run ends where the uninterrupted one did
+    for key, value in summaries[0]["metrics"].items():
+        if key.startswith("val/"):
+            assert resumed["metrics"][key] == pytest.approx(value, abs=1e-6), key
+    record = json.loads((Path(resumed["run_dir"]) / "run.json").read_text())
+    assert record["status"] == "finished" and "last" in record["argv"]
+
+
+def test_bad_ckpt_path_is_one_error_naming_it(tmp_path, capsys):
+    missing = tmp_path / "missing.ckpt"
+    args = ["fit", "--config", str(DEMO), *_tiny(tmp_path / "runs", tmp_path / "synth")]
+    assert main([*args, "--ckpt_path", str(missing)]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and str(missing) in err[0]
+    other = tmp_path / "pose.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"_class_path": "jtml.models.pose.PoseModule"}}, other)
+    assert main([*args, "--ckpt_path", str(other)]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and str(other) in err[0] and "PoseModule" in err[0]
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("run.json"))
