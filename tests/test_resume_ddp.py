@@ -73,11 +73,6 @@ def test_ddp_fit_completes_with_one_summary_and_a_loadable_checkpoint(ddp_fit):
     assert record["status"] == "finished"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Lightning's DistributedSampler pads the 3 val frames to 4 (one frame counted twice); "
-    "needs a non-padding val/test sampler in FluoroSegDataModule (use_distributed_sampler off)",
-)
 def test_validate_with_one_and_two_processes_agree_on_odd_val_size(ddp_fit):
     tmp, summary = ddp_fit
     ckpt = ["--ckpt_path", summary["checkpoint"]]
