@@ -64,7 +64,8 @@ class RecordingSaveConfig(SaveConfigCallback):
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_hyperparams(record)
-                config_file = Path(trainer.log_dir or ".") / self.config_filename
+                # Not trainer.log_dir: it broadcasts, and this runs on rank zero alone (DDP would hang).
+                config_file = Path(trainer.default_root_dir) / self.config_filename
                 if config_file.is_file():  # W&B syncs its run's files/ folder; its own config.yaml is taken
                     shutil.copy(config_file, Path(logger.experiment.dir) / "jtml-config.yaml")
 
