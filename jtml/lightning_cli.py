@@ -168,7 +168,7 @@ class JTMLCLI(LightningCLI):
     def _wandb_run_dir(self) -> str | None:
         for logger in self.trainer.loggers:
             if isinstance(logger, WandbLogger):
-                return str(Path(logger.experiment.dir).parent)
+                return str(Path(logger.experiment.dir).parent.resolve())
         return None
 
     def write_record(self, status: str, metrics: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -178,7 +178,7 @@ class JTMLCLI(LightningCLI):
         record = {
             "status": status,
             "command": self.subcommand,
-            "run_dir": str(self.run_dir),
+            "run_dir": str(self.run_dir.resolve()),
             "checkpoint": str(last) if last and last.is_file() else None,
             "best_checkpoint": (ckpt.best_model_path or None) if ckpt else None,
             "wandb_run": self._wandb_run_dir(),
