@@ -159,3 +159,22 @@ def test_fine_tune_demo_model_on_kneel1_logs_dice_against_real_labels(kneel1, tm
         both_empty = not p.any() and not label.any()
         dice = 1.0 if both_empty else 2 * (p & label).sum() / (p.sum() + label.sum())
         assert summary["metrics"][f"val/dice_{part}"] == pytest.approx(dice, abs=2e-3), part
+
+
+def test_jtml_test_reproduces_final_fit_metrics_on_the_same_frames(fitted, capsys):
+    """`jtml test` on an index whose test rows are the fit's validation frames gives the val metrics."""
+    from jtml.data.index import build_index, write_index
+
+    tmp, summary = fitted
+    rows = build_index([tmp / "synth"], val=0.25, test=0.25, seed=0, split_by="frame")  # as the fit split
+    val = [r for r in rows if r.split == "val"]
+    held = [type(r)(**{**r.__dict__, "split": "test"}) for r in val]
+    write_index(tmp / "same_frames.csv", [r for r in rows if r.split != "test"] + held)
+    args = [
+        "test", "--config", str(DEMO), *_tiny(tmp), "--data.init_args.synthetic", "null",
+        "--data.init_args.index", str(tmp / "same_frames.csv"), "--ckpt_path", summary["checkpoint"],
+    ]  # fmt: skip
+    assert main(args) == 0
+    metrics = _summary(capsys)["metrics"]
+    for part in ("fem", "tib", "mean"):
+        assert metrics[f"test/dice_{part}"] == pytest.approx(summary["metrics"][f"val/dice_{part}"], abs=1e-6)
