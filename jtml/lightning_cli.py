@@ -24,6 +24,7 @@ import pytorch_lightning as pl
 import torch
 from jsonargparse import Namespace
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import WandbLogger
@@ -286,6 +287,9 @@ def run_lightning(subcommand: str, args: list[str]) -> int:
     except SystemExit as e:  # jsonargparse printed its usage error already (it names the key)
         _abandon_runs()
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    except MisconfigurationException as e:  # e.g. more devices than this machine has
+        _abandon_runs()
+        raise JTMLError(f"trainer configuration cannot run here: {e}") from None
     except BaseException as e:
         _abandon_runs()
         cause = _find_jtml_error(e)

@@ -178,3 +178,22 @@ def test_jtml_test_reproduces_final_fit_metrics_on_the_same_frames(fitted, capsy
     metrics = _summary(capsys)["metrics"]
     for part in ("fem", "tib", "mean"):
         assert metrics[f"test/dice_{part}"] == pytest.approx(summary["metrics"][f"val/dice_{part}"], abs=1e-6)
+
+
+def test_more_devices_than_available_is_one_clear_error(tmp_path, capsys):
+    args = [
+        "fit",
+        "--config",
+        str(DEMO),
+        *_tiny(tmp_path),
+        "--trainer.accelerator",
+        "gpu",
+        "--trainer.devices",
+        "3",
+    ]
+    if __import__("torch").cuda.device_count() >= 3:
+        pytest.skip("this machine really has 3 GPUs")
+    assert main(args) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and "cannot run here" in err[0]
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.*"))
