@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("jtml.commands.synth", "generate a synthetic study in the JointTrack on-disk layout"),
     "labels": ("jtml.commands.labels", "render label masks from tracked poses and STL models"),
     "index": ("jtml.commands.index", "index studies into a CSV with a train/val/test split"),
+    "score-poses": ("jtml.commands.score_poses", "score a pose file against ground truth (PoseError)"),
     "slurm": ("jtml.commands.slurm", "print an sbatch script for multi-node DDP `jtml fit` (auto-requeue)"),
     "runs": ("jtml.commands.runs", "compare finished runs: config differences, final/best metric, curves"),
     "reproduce": ("jtml.commands.reproduce", "re-run a recorded run from its run.json and config.yaml"),
