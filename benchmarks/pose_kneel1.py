@@ -6,7 +6,9 @@
    network never sees a kneel1 frame, mask or pose: only renders of the CAD models at random knee
    poses through that calibration);
 2. ``jtml predict`` on the kneel1 study (its true masks, ``Labels/<part>/``) → ``<part>.jts``;
-3. scores those files and JTML's NFD estimates (``FFT/<part>_fft.jts``: from the network
+3. scores those files (the network's own poses, and for the tibia also after JointTrack's
+   varus–valgus choice between a pose and its symmetric twin, which the prediction writer applies)
+   and JTML's NFD estimates (``FFT/<part>_fft.jts``: from the network
    segmentation; ``FFT/<part>_fft_perfect.jts``: from the true silhouettes) against the tracked
    poses with the same metric (:func:`jtml.commands.score_poses.score`), and prints the table
    (also written as Markdown with the machine and wall time to ``--markdown``).
@@ -123,11 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict] = {}
     for part in ("fem", "tib"):
         truth = study.poses[part]
-        candidates = {
-            "network (mask → pose)": written[part],
-            "NFD fft": data / "FFT" / f"{part}_fft.jts",
-            "NFD fft_perfect": data / "FFT" / f"{part}_fft_perfect.jts",
-        }
+        raw = written[part].with_name(f"{part}_network.jts")
+        candidates = {"network (mask → pose)": raw if raw.is_file() else written[part]}
+        if raw.is_file():  # the writer applied JointTrack's varus-valgus rule to the symmetric trap
+            candidates["network + varus–valgus twin rule"] = written[part]
+        candidates["NFD fft"] = data / "FFT" / f"{part}_fft.jts"
+        candidates["NFD fft_perfect"] = data / "FFT" / f"{part}_fft_perfect.jts"
         for name, path in candidates.items():
             r = score(truth, path, models[part], study.calibration, 1024, part)
             results[f"{part}/{name}"] = r
@@ -150,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"Network: `{Path(args.config).name}` trained only on renders of kneel1's STLs through its",
                 "calibration (random knee poses), applied to the 3 true masks; NFD rows: JTML's",
                 "Fourier-descriptor initial poses. Mean absolute errors over the 3 frames (trap-aware: per",
-                "frame the better of the pose and its symmetric twin). 5 mm/5°: in-plane translation",
+                "frame the better of the pose and its symmetric twin; varus–valgus twin rule: JointTrack's",
+                "choice of the tibia twin with the smaller varus–valgus angle relative to the femur, applied",
+                "by the prediction writer). 5 mm/5°: in-plane translation",
                 "error ≤ 5 mm and geodesic ≤ 5°.",
                 "",
                 text,

@@ -4,6 +4,13 @@ One row per frame of the study, in file-name order (the order JointTrack pairs r
 written with :func:`jtml.io.write_poses`. A frame without a pose (an empty mask: no silhouette to
 start from) cannot be stored in a ``.jts``; such a part is written as ``<part>.jtak`` instead, with
 ``NOT_OPTIMIZED`` rows, which JointTrack also loads — and a note says so.
+
+Symmetric trap: a network trained with a trap-aware loss for a (nearly) mirror-symmetric part may
+return either the pose or its twin (:func:`jtml.geometry.symmetric_twin`). With ``trap_rule:
+varus_valgus`` (default) the writer does what JointTrack does: where a frame has both a femur and a
+tibia pose, it keeps the tibia pose or its twin, whichever has the smaller varus–valgus angle
+relative to the femur (:func:`resolve_tibia_twin`). The network's own poses are then written too,
+as ``<part>_network.jts``, so the rule can be audited.
 """
 
 from __future__ import annotations
@@ -11,7 +18,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pytorch_lightning as pl
@@ -19,9 +26,37 @@ import torch
 from pytorch_lightning.callbacks import BasePredictionWriter
 from pytorch_lightning.utilities import rank_zero_info
 
+from jtml.geometry import euler312_to_matrix, matrix_to_euler312, symmetric_twin
 from jtml.io import write_poses
 
-__all__ = ["CPUThreads", "PosePredictionWriter"]
+__all__ = ["CPUThreads", "PosePredictionWriter", "resolve_tibia_twin", "varus_valgus"]
+
+
+def varus_valgus(femur: np.ndarray, tibia: np.ndarray) -> np.ndarray:
+    """``(N,)`` varus–valgus angle (°) of the tibia relative to the femur: the ``x_rot`` of the
+    312 decomposition of ``R_femᵀ·R_tib`` = ``Rz(flexion)·Rx(varus–valgus)·Ry(axial rotation)``
+    in the lab's implant frames (x anterior–posterior, y proximal–distal, z medio-lateral)."""
+    R_f = euler312_to_matrix(np.asarray(femur, dtype=np.float64).reshape(-1, 6)[:, 3:])
+    R_t = euler312_to_matrix(np.asarray(tibia, dtype=np.float64).reshape(-1, 6)[:, 3:])
+    return matrix_to_euler312(R_f.transpose(-1, -2) @ R_t)[:, 1].numpy()
+
+
+def resolve_tibia_twin(femur: np.ndarray, tibia: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """JointTrack's answer to the symmetric trap: per frame, the tibia pose or its symmetric twin,
+    whichever has the smaller ``|varus–valgus|`` relative to the femur. Returns the chosen ``(N, 6)``
+    tibia poses and a bool ``(N,)`` that is True where the twin was chosen; frames missing either
+    pose (NaN rows) are left as they are."""
+    femur = np.asarray(femur, dtype=np.float64).reshape(-1, 6)
+    tibia = np.asarray(tibia, dtype=np.float64).reshape(-1, 6)
+    ok = np.isfinite(femur).all(axis=1) & np.isfinite(tibia).all(axis=1)
+    out, flip = tibia.copy(), np.zeros(len(tibia), dtype=bool)
+    if ok.any():
+        twin = symmetric_twin(tibia[ok]).numpy()
+        keep = np.abs(varus_valgus(femur[ok], tibia[ok]))
+        swap = np.abs(varus_valgus(femur[ok], twin)) < keep
+        out[np.flatnonzero(ok)[swap]] = twin[swap]
+        flip[np.flatnonzero(ok)[swap]] = True
+    return out, flip
 
 
 class CPUThreads(pl.Callback):
@@ -54,13 +89,24 @@ class PosePredictionWriter(BasePredictionWriter):
     """Collects :meth:`PoseModule.predict_step` outputs and writes one pose file per study and part.
 
     ``output_dir``: default ``<run dir>/predictions`` (the trainer's ``default_root_dir``, which
-    ``jtml predict`` sets to the run's directory). Under DDP every rank's rows are gathered and
+    ``jtml predict`` sets to the run's directory). ``trap_rule``: ``varus_valgus`` resolves the
+    tibia's symmetric twin as JointTrack does (module docstring; ``femur``/``tibia`` name the parts),
+    ``none`` writes the network's poses as they are. Under DDP every rank's rows are gathered and
     rank zero writes. ``written`` lists the files of the last predict run.
     """
 
-    def __init__(self, output_dir: str | None = None) -> None:
+    def __init__(
+        self,
+        output_dir: str | None = None,
+        trap_rule: Literal["varus_valgus", "none"] = "varus_valgus",
+        femur: str = "fem",
+        tibia: str = "tib",
+    ) -> None:
         super().__init__(write_interval="batch")
+        if trap_rule not in ("varus_valgus", "none"):
+            raise ValueError(f"trap_rule must be varus_valgus or none, got {trap_rule!r}")
         self.output_dir = output_dir
+        self.trap_rule, self.femur, self.tibia = trap_rule, femur, tibia
         self.written: list[Path] = []
         self._rows: list[tuple[str, str, int, int, np.ndarray]] = []
 
@@ -103,11 +149,24 @@ class PosePredictionWriter(BasePredictionWriter):
             table = tables.setdefault((study, part), np.full((n, 6), np.nan))
             table[pos] = pose
         self.written = []
+        if self.trap_rule == "varus_valgus":
+            for study in sorted({s for s, _ in tables}):
+                fem, tib = tables.get((study, self.femur)), tables.get((study, self.tibia))
+                if fem is None or tib is None or len(fem) != len(tib):
+                    continue
+                path = out / study / f"{self.tibia}_network.{'jtak' if np.isnan(tib).any() else 'jts'}"
+                write_poses(path, tib)
+                self.written.append(path)
+                tables[(study, self.tibia)], flipped = resolve_tibia_twin(fem, tib)
+                print(
+                    f"{study}: replaced {int(flipped.sum())} of {len(tib)} {self.tibia} pose(s) by their "
+                    f"symmetric twin (smaller varus-valgus angle to the {self.femur}); network poses: {path}",
+                    flush=True,
+                )
         for (study, part), table in sorted(tables.items()):
             missing = np.isnan(table).any(axis=1)
             path = out / study / f"{part}.{'jtak' if missing.any() else 'jts'}"
             write_poses(path, table)
             self.written.append(path)
             note = f" ({int(missing.sum())} frame(s) without a pose: NOT_OPTIMIZED)" if missing.any() else ""
-            rank_zero_info(f"wrote {len(table)} {part} pose(s) of {study} to {path}{note}")
-            print(f"wrote {path}{note}", flush=True)
+            print(f"wrote {path} ({len(table)} {part} pose(s) of {study}){note}", flush=True)

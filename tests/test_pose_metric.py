@@ -180,6 +180,7 @@ def test_symmetric_twin_silhouettes_on_kneel1(kneel1):
             twin = symmetric_twin(pose).numpy()
             d = dice(r.render(twin), ref)
             assert low <= d <= high, (part, d)
+            assert abs(twin[4] - pose[4]) > 1.0  # a genuinely different pose (the trap), not the pose itself
             flipped = pose.copy()
             flipped[3] += 180.0  # a grossly wrong rotation for comparison
             assert dice(r.render(flipped), ref) < d - 0.2
