@@ -173,6 +173,8 @@ class JTMLCLI(LightningCLI):
         return None
 
     def write_record(self, status: str, metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+        """``run.json``: ``running`` before fit (no W&B yet: starting it before Lightning's DDP
+        launcher would break the launch), then ``finished`` with the final metrics."""
         assert self.run_dir is not None
         ckpt = next((c for c in self.trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
         last = Path(ckpt.dirpath) / "last.ckpt" if ckpt and ckpt.dirpath else None
@@ -182,7 +184,7 @@ class JTMLCLI(LightningCLI):
             "run_dir": str(self.run_dir.resolve()),
             "checkpoint": str(last) if last and last.is_file() else None,
             "best_checkpoint": (ckpt.best_model_path or None) if ckpt else None,
-            "wandb_run": self._wandb_run_dir(),
+            "wandb_run": None if status == "running" else self._wandb_run_dir(),
             "metrics": _jsonable(metrics if metrics is not None else self.trainer.callback_metrics),
             "seconds": round(time.time() - self.started, 1),
             "git": git_info(),
@@ -205,6 +207,10 @@ class JTMLCLI(LightningCLI):
         if self.trainer.is_global_zero:
             keys = ("run_dir", "checkpoint", "best_checkpoint", "wandb_run", "metrics")
             print(json.dumps({k: record[k] for k in keys}), flush=True)
+
+    def before_fit(self) -> None:
+        if _is_rank_zero():  # a killed or pre-empted run is then recognisable (and reproducible)
+            self.write_record("running", {})
 
     def after_fit(self) -> None:
         self._finish()
@@ -260,10 +266,15 @@ def _abandon_runs() -> None:
             continue
         if not any(run_dir.rglob("*.ckpt")):
             shutil.rmtree(run_dir, ignore_errors=True)
-        else:
-            (run_dir / RUN_RECORD).write_text(
-                json.dumps({"status": "failed", "run_dir": str(run_dir)}) + "\n"
-            )
+        else:  # keep what the record holds (argv, config, provenance): the run stays reproducible
+            try:
+                record = json.loads((run_dir / RUN_RECORD).read_text())
+            except (OSError, ValueError):
+                record = {"run_dir": str(run_dir)}
+            record["status"] = "failed"
+            tmp = run_dir / f".{RUN_RECORD}.tmp"
+            tmp.write_text(json.dumps(record, indent=2) + "\n")
+            os.replace(tmp, run_dir / RUN_RECORD)
     _ACTIVE.clear()
 
 

@@ -233,7 +233,8 @@ def data_fingerprint(datamodule: Any) -> dict[str, Any] | None:
 
 # -- atomic checkpoints ---------------------------------------------------------------------------
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes ``<file>.tmp-<pid>`` next to the checkpoint, fsyncs, then ``os.replace``\\ s it.
+    """Writes ``.<file>.tmp-<pid>`` next to the checkpoint, fsyncs, then ``os.replace``\\ s it (a
+    temporary file left by a process killed mid-write is removed by the next save of that file).
 
     Lightning's own save writes through an fsspec transaction into a temp file in the system
     temp dir and ``shutil.move``\\ s it: atomic only when that dir is on the same filesystem as
@@ -248,6 +249,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by a process killed mid-write
+            stale.unlink(missing_ok=True)
         try:
             with open(tmp, "wb") as f:
                 torch.save(checkpoint, f)

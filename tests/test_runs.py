@@ -6,12 +6,17 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from jtml.cli import main
+from jtml.runs import AtomicCheckpointIO
 from jtml.wandb_offline import read_offline_run
 
 DEMO = Path(__file__).resolve().parents[1] / "experiments" / "demo_seg.yaml"
@@ -155,6 +160,74 @@ def test_resume_last_continues_the_run_directory_and_wandb_run(three_runs):
             assert resumed["metrics"][key] == pytest.approx(value, abs=1e-6), key
     record = json.loads((Path(resumed["run_dir"]) / "run.json").read_text())
     assert record["status"] == "finished" and "last" in record["argv"]
+
+
+def test_kill_9_in_epoch_2_then_resume_last_equals_the_uninterrupted_run(three_runs):
+    """A real SIGKILL of a `jtml fit` process in the middle of its 2nd epoch (test callback
+    ``_sigkill.SigkillAt``), then `--ckpt_path last`: every checkpoint left behind loads, and the
+    resumed run ends with the uninterrupted run's metrics (same seed, deterministic, CPU)."""
+    tmp, summaries = three_runs
+    root = tmp / "killed"
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(Path(__file__).parent)}
+    for key in ("JTML_RUN_DIR", "WANDB_SERVICE"):  # not this pytest process's run dir or W&B service
+        env.pop(key, None)
+    args = [sys.executable, "-m", "jtml.cli", "fit", "--config", str(DEMO), *_tiny(root, tmp / "synth")]
+    killer = json.dumps({"class_path": "_sigkill.SigkillAt", "init_args": {"epoch": 1, "batch": 1}})
+    proc = subprocess.run([*args, f"--trainer.callbacks+={killer}"], env=env, capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    (run_dir,) = (root / "demo_seg").iterdir()
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "running"  # died, no clean-up
+    ckpts = sorted((run_dir / "checkpoints").iterdir())
+    assert {p.name for p in ckpts} == {"last.ckpt", "best-epoch00.ckpt"}  # no torn or temporary files
+    for path in ckpts:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        assert ckpt["epoch"] == 0 and ckpt["global_step"] == 2 and ckpt["optimizer_states"]
+    proc = subprocess.run([*args, "--ckpt_path", "last"], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert Path(resumed["run_dir"]) == run_dir
+    assert torch.load(resumed["checkpoint"], map_location="cpu", weights_only=False)["epoch"] == 1
+    for key, value in summaries[0]["metrics"].items():
+        if key.startswith(("val/", "train/")):
+            assert resumed["metrics"][key] == pytest.approx(value, abs=1e-6), key
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
+
+
+def test_checkpoint_write_killed_midway_leaves_the_previous_checkpoint_intact(tmp_path):
+    """SIGKILL while AtomicCheckpointIO pickles a checkpoint (a value whose pickling kills the
+    process): the old file is untouched. Written in place with torch.save, it would be torn."""
+    target = tmp_path / "last.ckpt"
+    torch.save({"epoch": 0, "w": torch.arange(4.0)}, target)
+    before = target.read_bytes()
+    script = """
+import os, signal, sys, torch
+from jtml.runs import AtomicCheckpointIO
+
+class Boom:
+    def __reduce__(self):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+ckpt = {"epoch": 1, "w": torch.zeros(1 << 20), "z": Boom()}
+mode, target = sys.argv[1:]
+if mode == "atomic":
+    AtomicCheckpointIO().save_checkpoint(ckpt, target)
+else:
+    torch.save(ckpt, target)
+"""
+    for mode in ("atomic", "in place"):
+        proc = subprocess.run([sys.executable, "-c", script, mode, str(target)], capture_output=True)
+        assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+        if mode == "atomic":
+            assert target.read_bytes() == before
+            assert torch.load(target, weights_only=True)["epoch"] == 0
+            (torn,) = tmp_path.glob(".last.ckpt.tmp-*")  # the killed write's temporary file...
+            AtomicCheckpointIO().save_checkpoint({"epoch": 2}, target)
+            assert torch.load(target, weights_only=True)["epoch"] == 2 and not torn.exists()  # ...is cleared
+            target.write_bytes(before)
+        else:  # the control: the same kill tears a checkpoint written in place
+            assert target.read_bytes() != before
+            with pytest.raises((RuntimeError, EOFError)):  # an empty or a truncated zip
+                torch.load(target, weights_only=True)
 
 
 def test_bad_ckpt_path_is_one_error_naming_it(tmp_path, capsys):
