@@ -122,6 +122,32 @@ def test_channels_last_matches():
         torch.testing.assert_close(a(x), b(x), atol=1e-5, rtol=1e-5)
 
 
+def test_compile_option_fits_compiled_and_checkpoints_load_uncompiled(tmp_path):
+    """``compile`` (here with the quick ``aot_eager`` backend; GPUs use the default inductor):
+    Lightning's fit runs the compiled network, and its checkpoint loads into an eager module."""
+    torch.manual_seed(0)
+    model = SegmentationModule(PARTS, compile={"backend": "aot_eager"}, **TINY)
+    train, val = loaders()
+    t = trainer(tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=1)
+    torch._dynamo.reset()
+    t.fit(model, train, val)
+    assert model.model._compiled_call_impl is not None  # nn.Module.compile, in place
+    from torch._dynamo.utils import counters
+
+    assert counters["stats"]["unique_graphs"] >= 1  # dynamo really traced the network
+    (ckpt,) = tmp_path.rglob("*.ckpt")
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    assert not any("_orig_mod" in k for k in state)
+    eager = SegmentationModule(PARTS, **TINY).eval()
+    eager.load_state_dict(state)
+    model.eval()
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), eager(x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(JTMLError, match="compile"):
+        SegmentationModule(PARTS, compile="yes", **TINY)
+
+
 def test_bad_arch_is_a_jtml_error():
     with pytest.raises(JTMLError, match="NoSuchNet"):
         SegmentationModule(PARTS, arch="NoSuchNet")

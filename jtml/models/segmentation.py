@@ -143,6 +143,9 @@ class SegmentationModule(pl.LightningModule):
         threshold: probability threshold for metrics.
         monitor: metric a ReduceLROnPlateau scheduler watches.
         channels_last: use channels-last memory format (faster convs with AMP on recent GPUs).
+        compile: ``torch.compile`` the network for fit/validate/test/predict: ``false`` (default),
+            ``true``, or ``torch.compile`` keyword arguments (``{mode: max-autotune}``). Compiled in
+            place (``nn.Module.compile``), so checkpoints keep their keys and load uncompiled.
     """
 
     def __init__(
@@ -159,6 +162,7 @@ class SegmentationModule(pl.LightningModule):
         threshold: float = 0.5,
         monitor: str = "val/dice_mean",
         channels_last: bool = False,
+        compile: bool | dict[str, Any] = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -191,6 +195,9 @@ class SegmentationModule(pl.LightningModule):
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.channels_last = channels_last
+        if not isinstance(compile, (bool, dict)):
+            raise JTMLError(f"compile must be true, false or torch.compile arguments, got {compile!r}")
+        self.compile_options = ({} if compile is True else dict(compile)) if compile else None
         self.loss_fn = build_loss(loss)
         self._optimizer_fn = optimizer
         self._scheduler_fn = lr_scheduler
@@ -221,6 +228,13 @@ class SegmentationModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._weights_loaded = True
+
+    def configure_model(self) -> None:
+        # Lightning calls this on every rank before DDP wraps the module; compiling in place keeps
+        # parameter names (and so checkpoints) those of the eager network.
+        if self.compile_options is not None and not getattr(self, "_compiled", False):
+            self.model.compile(**self.compile_options)
+            self._compiled = True
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # A Python class/partial in hparams (e.g. the default torch.optim.Adam) makes the checkpoint
