@@ -219,6 +219,7 @@ def export_segmentation(
                     input_names=["image"],
                     output_names=["logits"],
                     opset_version=17,
+                    dynamo=False,  # the TorchScript-based exporter: no onnxscript dependency, seconds
                 )
     return {
         "out": str(out),

@@ -136,7 +136,11 @@ def _assert_parity(app: list[torch.Tensor], eager: list[torch.Tensor]) -> None:
     for a, e in zip(app, eager, strict=True):
         assert a.shape == e.shape
         assert (a - e).abs().max().item() <= 1e-4
-        assert torch.equal(a > 0, e > 0)
+        # thresholded masks equal; a pixel whose logit is within the 1e-4 agreement of 0 may round
+        # either way between kernels (ONNX Runtime vs torch), so it cannot be held to one side
+        differ = (a > 0) != (e > 0)
+        assert not (differ & (e.abs() > 1e-4)).any()
+        assert differ.sum().item() <= 1e-5 * differ.numel(), differ.sum().item()
 
 
 def test_export_torchscript_matches_eager(trained, capsys):
@@ -160,11 +164,20 @@ def test_export_torchscript_matches_eager(trained, capsys):
     _assert_parity(_app_logits(model, frames), _module_logits(module, dm))
 
 
-def test_export_parity_on_real_frames(trained, kneel1, tmp_path):
+def _onnx_runner(path: Path):
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed: cannot run the ONNX model")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return lambda x: torch.from_numpy(session.run(None, {"image": x.numpy()})[0])
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_export_parity_on_real_frames(trained, kneel1, tmp_path, fmt):
     _, ckpt = trained
-    out = tmp_path / "seg1024.pt"
-    export_segmentation(ckpt, "torchscript", out, size=1024)
-    model = torch.jit.load(str(out))
+    out = tmp_path / f"seg1024.{'pt' if fmt == 'torchscript' else 'onnx'}"
+    if fmt == "onnx":
+        pytest.importorskip("onnx", reason="onnx is not installed: ONNX export cannot run")
+    export_segmentation(ckpt, fmt, out, size=1024)
+    model = torch.jit.load(str(out)) if fmt == "torchscript" else _onnx_runner(out)
     module, _ = load_segmentation_checkpoint(ckpt)
     dm = FluoroSegDataModule(
         studies=[str(kneel1)], image_size=SIZE, num_workers=0, predict_split="all", train_transforms="none"
