@@ -5,13 +5,15 @@ PyTorch loop written only here.
 the two wall times divided by the difference in steps is Lightning's time per step, with every
 start-up cost (imports, data set-up, worker start, checkpoint at the end) cancelled out. The
 plain loop times the same number of steps after the same warm-up, with the same DataLoader,
-loss and optimizer. Prints one JSON line with ``lightning_overhead_pct``.
+loss and optimizer. ``--repeats`` interleaves the three measurements and reports medians. Prints
+one JSON line with ``lightning_overhead_pct``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -89,17 +91,25 @@ def main() -> None:
     parser.add_argument("--long", type=int, default=45)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats; medians are reported")
     args = parser.parse_args()
+    pl_steps, plain_steps = [], []
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         lightning_fit(tmp, 1, args.size, args.batch)  # generates the study once, warms caches
-        short = lightning_fit(tmp, args.short, args.size, args.batch)
-        long = lightning_fit(tmp, args.long, args.size, args.batch)
-        per_step_pl = (long - short) / (args.long - args.short)
-        per_step_plain = plain_loop(tmp, args.short, args.long - args.short, args.size, args.batch)
+        for _ in range(args.repeats):  # interleaved, so a slow spell of the machine hits both sides
+            short = lightning_fit(tmp, args.short, args.size, args.batch)
+            long = lightning_fit(tmp, args.long, args.size, args.batch)
+            pl_steps.append((long - short) / (args.long - args.short))
+            plain_steps.append(plain_loop(tmp, args.short, args.long - args.short, args.size, args.batch))
+    per_step_pl, per_step_plain = statistics.median(pl_steps), statistics.median(plain_steps)
     pct = 100.0 * (per_step_pl / per_step_plain - 1.0)
     pl_ms, plain_ms = round(per_step_pl * 1000, 1), round(per_step_plain * 1000, 1)
-    print(f"{args.size}px batch {args.batch}: jtml fit {pl_ms} ms/step, plain loop {plain_ms} ms/step")
+    print(
+        f"{args.size}px batch {args.batch}, {args.long - args.short} timed steps x {args.repeats}: jtml fit "
+        f"{pl_ms} ms/step, plain loop {plain_ms} ms/step (each repeat: jtml "
+        f"{[round(1000 * t, 1) for t in pl_steps]}, plain {[round(1000 * t, 1) for t in plain_steps]})"
+    )
     result = {"lightning_overhead_pct": round(pct, 2), "lightning_step_ms": pl_ms, "plain_step_ms": plain_ms}
     print(json.dumps(result))
 
