@@ -252,7 +252,7 @@ def test_bad_configurations_are_one_clear_error(study, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(study, broken)
     (broken / "calibration.txt").unlink()
-    with pytest.raises(JTMLError, match="no calibration.txt"):
+    with pytest.raises(JTMLError, match="no calibration.txt"):  # pose data needs it
         FluoroPoseDataModule(studies=[str(broken)], num_workers=0).setup("fit")
     short = tmp_path / "short"
     shutil.copytree(study, short)

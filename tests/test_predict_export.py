@@ -90,6 +90,20 @@ def test_predict_writes_masks_and_overlays_at_frame_size(trained, capsys):
     _check_outputs(out, list_images(study))
 
 
+def test_predict_on_a_plain_folder_of_frames(trained, capsys):
+    """Frames only (no calibration.txt, poses or labels) and a file that is not a frame."""
+    tmp, ckpt = trained
+    folder = tmp / "frames_only"
+    folder.mkdir()
+    for frame in list_images(tmp / "synth")[:3]:
+        shutil.copy(frame, folder / frame.name)
+    (folder / "README.txt").write_text("acquisition notes\n")  # no image suffix: not a frame, ignored
+    out = tmp / "pred_frames_only"
+    assert main(_predict_args(tmp, ckpt, folder, out)) == 0
+    _check_outputs(out, list_images(folder))
+    assert len(list_images(folder)) == 3
+
+
 def test_non_empty_out_dir_is_refused(trained, capsys):
     tmp, ckpt = trained
     out = tmp / "taken"

@@ -190,7 +190,7 @@ class FluoroSegDataModule(pl.LightningDataModule):
                 rows = self._build_rows(self.studies)
                 known = sorted({p for r in rows for p in (*r.masks, *r.poses, *r.models)})
                 unknown = [p for p in self.parts if p not in known]
-                if unknown:
+                if unknown and known:  # frames alone (known == []) are fine to predict on
                     raise JTMLError(f"unknown part(s) {unknown}: the studies have parts {known}", self.source)
             self.rows = rows
         return self.rows

@@ -199,7 +199,11 @@ class FluoroSegDataset(Dataset):
         x += np.float32(b)
         sample: dict[str, Any] = {
             "image": torch.from_numpy(x).reshape(1, *x.shape[:2]),
-            "pixel_size": torch.tensor(_pixel_size(str(row.calibration)) * scale, dtype=torch.float32),
+            # no calibration (a folder of frames): distances in mm are NaN, those in px are kept
+            "pixel_size": torch.tensor(
+                _pixel_size(str(row.calibration)) * scale if row.calibration else float("nan"),
+                dtype=torch.float32,
+            ),
             "frame": row.frame,
             "study": row.study,
             "index": int(index),

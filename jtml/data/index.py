@@ -35,7 +35,7 @@ class IndexRow:
     frame: str
     split: str
     image: Path
-    calibration: Path
+    calibration: Path | None  # None: the frame's study has no calibration.txt
     masks: dict[str, Path | None] = field(default_factory=dict)
     poses: dict[str, np.ndarray | None] = field(default_factory=dict)
     models: dict[str, Path | None] = field(default_factory=dict)
@@ -169,7 +169,7 @@ def read_index(path: str | os.PathLike, parts: Sequence[str] | None = None) -> l
                 frame=rec["frame"],
                 split=rec["split"],
                 image=base / rec["image"],
-                calibration=base / rec["calibration"],
+                calibration=res(rec["calibration"]),
             )
             for p in known:
                 row.masks[p] = res(rec.get(f"mask_{p}"))
@@ -208,7 +208,7 @@ def validate_files(
         except JTMLError as e:
             problems.append(str(e))
             img = None
-        if not r.calibration.is_file():
+        if r.calibration is not None and not r.calibration.is_file():
             problems.append(f"{r.calibration}: calibration file not found")
         if need_masks:
             for p in parts:

@@ -824,6 +824,9 @@ class FluoroPoseDataModule(pl.LightningDataModule):
         problems: list[str] = []
         items: list[PoseItem] = []
         for r in self.split_rows(split):
+            if r.calibration is None:
+                problems.append(f"{r.image}: no calibration (its study has no calibration.txt)")
+                continue
             try:
                 calib = read_calibration(r.calibration)
             except JTMLError as e:

@@ -35,7 +35,7 @@ class Study:
 
     root: Path
     frames: list[Path]
-    calibration: Path
+    calibration: Path | None  # None: a plain folder of frames (enough for segmentation)
     poses: dict[str, Path] = field(default_factory=dict)
     models: dict[str, Path] = field(default_factory=dict)
     labels: dict[str, list[Path]] = field(default_factory=dict)
@@ -65,16 +65,20 @@ def find_model(root: Path, part: str) -> Path | None:
 
 
 def load_study(root: str | os.PathLike) -> Study:
-    """Discover a study's files; raises :class:`JTMLError` naming what is missing."""
+    """Discover a study's files; raises :class:`JTMLError` naming what is missing.
+
+    Files without an image suffix are not frames (``calibration.txt``, ``.jts``, STLs, notes) and
+    are ignored; a folder of frames alone (no ``calibration.txt``) is a study with
+    ``calibration=None``: segmentation needs no calibration, pose data refuses it."""
     root = Path(root)
     if not root.is_dir():
         raise JTMLError("study folder not found", root)
     frames = list_images(root)
     if not frames:
         raise JTMLError("study folder holds no frames (.tif/.png/.jpg)", root)
-    calibration = root / CALIBRATION_NAME
-    if not calibration.is_file():
-        raise JTMLError(f"study has no {CALIBRATION_NAME}", root)
+    calibration: Path | None = root / CALIBRATION_NAME
+    if not calibration.is_file():  # a folder of frames: segmentation needs none; pose data refuses it
+        calibration = None
     poses = {p.stem: p for p in sorted(root.glob("*.jts")) + sorted(root.glob("*.jtak")) if p.is_file()}
     labels: dict[str, list[Path]] = {}
     label_root = root / "Labels"
