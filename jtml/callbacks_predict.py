@@ -1,23 +1,21 @@
 """``jtml predict`` output: per-frame masks in the lab's label format plus overlays to look at.
 
 :class:`SegmentationPredictionWriter` is a Lightning ``BasePredictionWriter`` (one write per
-batch, so memory stays flat however many frames there are). Add it on the command line::
-
-    jtml predict --config experiments/demo_seg.yaml --ckpt_path runs/demo_seg/<run>/checkpoints/last.ckpt \\
-        --data.init_args.studies '[/path/to/study]' --data.init_args.synthetic null \\
-        --data.init_args.predict_split all \\
-        --trainer.callbacks+=jtml.callbacks_predict.SegmentationPredictionWriter \\
-        --trainer.callbacks.init_args.out_dir /path/to/predictions
-
-(``--trainer.callbacks.init_args.*`` sets the arguments of the callback appended just before it;
-add ``--trainer.callbacks.init_args.overwrite true`` to write into a non-empty folder.
-``--data.init_args.synthetic null`` stops the demo YAML's synthetic study from being predicted too;
-the data settings — ``image_size``, ``normalize``, ``invert`` — must be those the checkpoint was
-trained with, i.e. the same experiment YAML and overrides.) Or list it under ``trainer.callbacks``
-in an experiment YAML::
+batch, so memory stays flat however many frames there are). The segmentation experiment YAMLs
+list it under ``trainer.callbacks`` (it acts in ``predict`` only)::
 
     - class_path: jtml.callbacks_predict.SegmentationPredictionWriter
-      init_args: {out_dir: null, overwrite: false, threshold: 0.5}
+
+so that::
+
+    jtml predict --config experiments/demo_seg.yaml --ckpt_path runs/demo_seg/<run>/checkpoints/last.ckpt \\
+        --data.studies '[/path/to/study]' [--trainer.callbacks.init_args.out_dir /path/to/predictions]
+
+writes every frame of those folders (``out_dir`` null: the predict run's ``predictions/``; add
+``--trainer.callbacks.init_args.overwrite true`` to write into a non-empty folder). The data
+settings — ``image_size``, ``normalize``, ``invert`` — must be those the checkpoint was trained
+with, i.e. the same experiment YAML and overrides. For a YAML without it, append it on the
+command line: ``--trainer.callbacks+=jtml.callbacks_predict.SegmentationPredictionWriter``.
 
 Output, for every predicted frame (``<frame>`` is the frame file's stem):
 

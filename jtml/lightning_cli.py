@@ -105,6 +105,8 @@ class JTMLCLI(LightningCLI):
     # -- run directory -------------------------------------------------------------------------
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand]
+        if self.subcommand == "predict":
+            _predict_on_command_line_studies(cfg, self._argv)
         resumed = self._resumed
         if resumed is not None:  # `fit --ckpt_path last`: continue that run, in its directory
             os.environ["JTML_RUN_DIR"] = str(resumed)
@@ -223,6 +225,24 @@ class JTMLCLI(LightningCLI):
 
     def after_predict(self) -> None:
         self._finish()
+
+
+def _predict_on_command_line_studies(cfg: Namespace, argv: list[str]) -> None:
+    """`jtml predict --config X --ckpt_path C --data.init_args.studies [DIR]` predicts on exactly
+    those folders (every frame): the experiment's own data (its synthetic study, index or split)
+    is what it trained on, not what the command line asks about."""
+    data = cfg.get("data")
+    given = any(a.split("=", 1)[0] in ("--data.init_args.studies", "--data.studies") for a in argv)
+    if not given or not _class_path(data).endswith("FluoroSegDataModule"):
+        return
+    args = data.init_args
+    dropped = [k for k in ("synthetic", "index") if args.get(k)]
+    args.synthetic, args.index, args.predict_split = None, None, "all"
+    if dropped:
+        print(
+            f"jtml: predicting on the given studies only (not the experiment's {', '.join(dropped)})",
+            file=sys.stderr,
+        )
 
 
 def _experiment_dir(cfg: Namespace) -> Path:

@@ -21,7 +21,6 @@ from jtml.export import export_segmentation, load_segmentation_checkpoint
 from jtml.io import list_images, read_image
 
 DEMO = Path(__file__).resolve().parents[1] / "experiments" / "demo_seg.yaml"
-WRITER = "--trainer.callbacks+=jtml.callbacks_predict.SegmentationPredictionWriter"
 SIZE = 64  # the network's image_size
 
 
@@ -38,12 +37,22 @@ def _tiny(tmp: Path) -> list[str]:
 
 def _predict_args(tmp: Path, ckpt: str, study: Path, out: Path | None, *extra: str) -> list[str]:
     args = [
-        "predict", "--config", str(DEMO), "--ckpt_path", ckpt,
-        "--trainer.default_root_dir", str(tmp / "runs"), "--trainer.logger", "false",
-        "--data.init_args.studies", json.dumps([str(study)]), "--data.init_args.synthetic", "null",
-        "--data.init_args.image_size", str(SIZE), "--data.init_args.num_workers", "0",
-        "--data.init_args.predict_split", "all", WRITER,
-    ]  # fmt: skip
+        "predict",
+        "--config",
+        str(DEMO),
+        "--ckpt_path",
+        ckpt,
+        "--trainer.default_root_dir",
+        str(tmp / "runs"),
+        "--trainer.logger",
+        "false",
+        "--data.init_args.studies",
+        json.dumps([str(study)]),  # exactly these: all their frames
+        "--data.init_args.image_size",
+        str(SIZE),
+        "--data.init_args.num_workers",
+        "0",
+    ]  # fmt: skip  (the YAML's SegmentationPredictionWriter writes)
     if out is not None:
         args += ["--trainer.callbacks.init_args.out_dir", str(out)]
     return args + list(extra)
@@ -202,10 +211,17 @@ def test_export_parity_on_real_frames(trained, kneel1, tmp_path, fmt):
 
 
 def test_predict_on_real_study(trained, kneel1, capsys):
+    """The issue's short form: `jtml predict --config X --ckpt_path C --data.studies [DIR]`; the
+    YAML's writer puts 3 masks per part and 3 overlays into the predict run's directory."""
     tmp, ckpt = trained
-    out = tmp / "pred_kneel1"
-    assert main(_predict_args(tmp, ckpt, kneel1, out)) == 0
-    _check_outputs(out, list_images(kneel1))
+    args = ["predict", "--config", str(DEMO), "--ckpt_path", ckpt]
+    args += ["--data.studies", json.dumps([str(kneel1)])]
+    args += ["--trainer.default_root_dir", str(tmp / "runs_kneel1"), "--trainer.logger", "false"]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert "not the experiment's synthetic" in captured.err  # the demo's own data is left out
+    run_dir = Path(json.loads(captured.out.strip().splitlines()[-1])["run_dir"])
+    _check_outputs(run_dir / "predictions", list_images(kneel1))
 
 
 def test_export_of_other_checkpoints_is_one_error(trained, tmp_path, capsys):
