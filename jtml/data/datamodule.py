@@ -17,7 +17,6 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
 
 from jtml.data.datasets import (
     IMAGENET_GRAY_MEAN,
@@ -27,6 +26,7 @@ from jtml.data.datasets import (
     FluoroSegDataset,
 )
 from jtml.data.index import SPLITS, IndexRow, build_index, read_index, validate_files, write_index
+from jtml.data.loaders import SplitLoaders, UnpaddedDistributedSampler  # noqa: F401  (re-export)
 from jtml.data.transforms import build_transforms
 from jtml.errors import JTMLError
 from jtml.io import list_images
@@ -34,27 +34,7 @@ from jtml.io import list_images
 STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
 
 
-class UnpaddedDistributedSampler(DistributedSampler):
-    """Every rank takes every ``world_size``-th sample and nothing more.
-
-    Lightning's default DistributedSampler pads the dataset with repeats so all ranks get equal
-    lengths, which counts some val/test frames twice and biases the metrics; summed torchmetrics
-    states make uneven shards harmless. Being a DistributedSampler, Lightning leaves it in place.
-    """
-
-    def __init__(self, dataset: torch.utils.data.Dataset) -> None:
-        super().__init__(dataset, shuffle=False, drop_last=False)
-        self.indices = list(range(self.rank, len(dataset), self.num_replicas))
-        self.num_samples = len(self.indices)
-
-    def __iter__(self):  # noqa: ANN204
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
-class FluoroSegDataModule(pl.LightningDataModule):
+class FluoroSegDataModule(SplitLoaders, pl.LightningDataModule):
     """Femoral/tibial implant segmentation data for Lightning (see the module docstring for sources).
 
     Batches are dicts: ``image`` (B, 1, S, S) float32, ``mask`` (B, P, S, S) float32 {0, 1} with
@@ -252,33 +232,3 @@ class FluoroSegDataModule(pl.LightningDataModule):
             self.val_dataset = FluoroSegDataset(self.split_rows("val"), masks=True, **common)
         if "test" in splits:
             self.test_dataset = FluoroSegDataset(self.split_rows("test"), masks=True, **common)
-
-    def _loader(self, dataset: FluoroSegDataset | None, name: str, train: bool = False) -> DataLoader:
-        if dataset is None:
-            raise JTMLError(f"{name} dataset is not set up; call setup() with the matching stage first")
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        sampler = UnpaddedDistributedSampler(dataset) if distributed and not train else None
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=train,
-            sampler=sampler,
-            # Equal-sized train batches (BatchNorm, per-step timing); the shuffle drops different
-            # frames each epoch. Never for val/test/predict: those must see every frame once.
-            drop_last=train and len(dataset) > self.batch_size,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.persistent_workers,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, "train", train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_dataset, "val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_dataset, "test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.predict_dataset, "predict")

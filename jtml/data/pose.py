@@ -57,9 +57,10 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import trimesh
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import Dataset, get_worker_info
 
 from jtml.data.index import SPLITS, IndexRow, build_index, read_index, write_index
+from jtml.data.loaders import SplitLoaders
 from jtml.data.transforms import build_transforms
 from jtml.errors import JTMLError
 from jtml.geometry import Camera, euler312_to_matrix, matrix_to_pose, project_mesh, rasterize_triangles
@@ -577,7 +578,7 @@ class PoseFileDataset(Dataset):
 # ------------------------------------------------------------------------------------------------
 
 
-class FluoroPoseDataModule(pl.LightningDataModule):
+class FluoroPoseDataModule(SplitLoaders, pl.LightningDataModule):
     """Per-part pose samples for Lightning (module docstring: sample layout, sources, augmentation).
 
     Args:
@@ -935,31 +936,6 @@ class FluoroPoseDataModule(pl.LightningDataModule):
             return
         for split in STAGE_SPLITS.get(stage, STAGE_SPLITS["fit"]):
             setattr(self, f"{split}_dataset", self._files(split, train=split == "train"))
-
-    def _loader(self, dataset: Dataset | None, name: str, train: bool = False) -> DataLoader:
-        if dataset is None:
-            raise JTMLError(f"{name} dataset is not set up; call setup() with the matching stage first")
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=train,
-            drop_last=train and len(dataset) > self.batch_size,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.persistent_workers,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, "train", train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_dataset, "val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_dataset, "test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.predict_dataset, "predict")
 
 
 def _pose_problem(pose: np.ndarray, vertices: np.ndarray | None, camera: Camera) -> str | None:
