@@ -56,6 +56,7 @@ from jtml.geometry import (
 )
 from jtml.io import Calibration
 from jtml.metrics.pose import PoseError
+from jtml.models import loadable_hparams
 
 __all__ = ["PoseModule", "decode_pose", "encode_pose", "ray_rotation"]
 
@@ -531,16 +532,8 @@ class PoseModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": config}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # A Python class/partial in hparams (e.g. the default torch.optim.AdamW) makes the checkpoint
-        # unloadable with torch.load(weights_only=True); they only matter for training, so drop them.
+        loadable_hparams(checkpoint, self.CHECKPOINT_HYPER_PARAMS_KEY)  # torch.load(weights_only=True)
         # Vertices ride along so a loaded model reports mTRE without the STL files.
-        hp = checkpoint.get(self.CHECKPOINT_HYPER_PARAMS_KEY)
-        if isinstance(hp, Mapping):
-            checkpoint[self.CHECKPOINT_HYPER_PARAMS_KEY] = {
-                k: v
-                for k, v in hp.items()
-                if k not in ("optimizer", "lr_scheduler") or v is None or isinstance(v, (dict, str))
-            }
         checkpoint["jtml_vertices"] = {p: torch.from_numpy(v) for p, v in self._vertices.items()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from jtml.errors import JTMLError
 from jtml.metrics.segmentation import BoundaryDistance, DiceIoU
+from jtml.models import loadable_hparams
 
 __all__ = ["LOSSES", "SegmentationModule", "build_loss", "load_encoder_state_dict"]
 
@@ -237,16 +238,7 @@ class SegmentationModule(pl.LightningModule):
             self._compiled = True
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # A Python class/partial in hparams (e.g. the default torch.optim.Adam) makes the checkpoint
-        # unloadable with torch.load(weights_only=True), the default; drop those — they only matter for
-        # training. LightningCLI stores them as plain {class_path, init_args} dicts, which are kept.
-        hp = checkpoint.get(self.CHECKPOINT_HYPER_PARAMS_KEY)
-        if isinstance(hp, Mapping):
-            checkpoint[self.CHECKPOINT_HYPER_PARAMS_KEY] = {
-                k: v
-                for k, v in hp.items()
-                if k not in ("optimizer", "lr_scheduler") or v is None or isinstance(v, (dict, str))
-            }
+        loadable_hparams(checkpoint, self.CHECKPOINT_HYPER_PARAMS_KEY)  # torch.load(weights_only=True)
 
     # -- forward and steps ---------------------------------------------------------------------------
     def forward(self, image: Tensor) -> Tensor:
