@@ -10,7 +10,6 @@ split like ``jtml index``: by study, or by frame when there is a single study). 
 
 from __future__ import annotations
 
-import inspect
 from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
@@ -25,16 +24,16 @@ from jtml.data.datasets import (
     RESIZE_MODES,
     FluoroSegDataset,
 )
-from jtml.data.index import SPLITS, IndexRow, build_index, read_index, validate_files, write_index
+from jtml.data.index import SPLITS, IndexRow, validate_files
 from jtml.data.loaders import SplitLoaders, UnpaddedDistributedSampler  # noqa: F401  (re-export)
+from jtml.data.sources import IndexedRows
 from jtml.data.transforms import build_transforms
 from jtml.errors import JTMLError
-from jtml.io import list_images
 
 STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
 
 
-class FluoroSegDataModule(SplitLoaders, pl.LightningDataModule):
+class FluoroSegDataModule(IndexedRows, SplitLoaders, pl.LightningDataModule):
     """Femoral/tibial implant segmentation data for Lightning (see the module docstring for sources).
 
     Batches are dicts: ``image`` (B, 1, S, S) float32, ``mask`` (B, P, S, S) float32 {0, 1} with
@@ -129,56 +128,6 @@ class FluoroSegDataModule(SplitLoaders, pl.LightningDataModule):
     def source(self) -> str:
         """What error messages name: the index CSV or the study folders."""
         return self.index if self.index is not None else ", ".join(self.studies)
-
-    def _split_by(self, studies: list[str]) -> str:
-        return self.split_by or ("study" if len(studies) > 1 else "frame")
-
-    def _build_rows(self, studies: list[str]) -> list[IndexRow]:
-        return build_index(
-            studies, self.val_fraction, self.test_fraction, self.split_seed, self._split_by(studies)
-        )
-
-    def _synthetic_missing(self) -> bool:
-        if not self.synthetic:
-            return False
-        out = Path(self.synthetic["out"])
-        return not out.is_dir() or not list_images(out)
-
-    def prepare_data(self) -> None:
-        """Generate the synthetic study (and a missing index over it) on first use; rank 0 only."""
-        if self._synthetic_missing():
-            from jtml.data.synth import generate_study  # lazy: synth is optional for real data
-
-            kwargs = {k: v for k, v in self.synthetic.items() if k != "out"}
-            try:
-                inspect.signature(generate_study).bind(Path(self.synthetic["out"]), **kwargs)
-            except TypeError as e:
-                raise JTMLError(f"synthetic: {e} (arguments of generate_study: {kwargs})") from None
-            generate_study(Path(self.synthetic["out"]), **kwargs)
-        if self.synthetic and self.index is not None and not Path(self.index).is_file():
-            write_index(self.index, self._build_rows([str(self.synthetic["out"])]))
-
-    def _load_rows(self) -> list[IndexRow]:
-        if self.rows is None:
-            if self._synthetic_missing() or (
-                self.synthetic and self.index is not None and not Path(self.index).is_file()
-            ):
-                self.prepare_data()  # setup without a Trainer (scripts, notebooks)
-            if self.index is not None:
-                rows = read_index(self.index, self.parts)
-            else:
-                rows = self._build_rows(self.studies)
-                known = sorted({p for r in rows for p in (*r.masks, *r.poses, *r.models)})
-                unknown = [p for p in self.parts if p not in known]
-                if unknown and known:  # frames alone (known == []) are fine to predict on
-                    raise JTMLError(f"unknown part(s) {unknown}: the studies have parts {known}", self.source)
-            self.rows = rows
-        return self.rows
-
-    def split_rows(self, split: str) -> list[IndexRow]:
-        """The rows of ``split`` (``"all"``: every row), in index order."""
-        rows = self._load_rows()
-        return list(rows) if split == "all" else [r for r in rows if r.split == split]
 
     # ---------------------------------------------------------------- Lightning hooks
 

@@ -43,7 +43,6 @@ Augmentation must keep the label right, so only pose-consistent operations exist
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
 from collections import Counter
@@ -59,12 +58,13 @@ import torch
 import trimesh
 from torch.utils.data import Dataset, get_worker_info
 
-from jtml.data.index import SPLITS, IndexRow, build_index, read_index, write_index
+from jtml.data.index import SPLITS, IndexRow
 from jtml.data.loaders import SplitLoaders
+from jtml.data.sources import IndexedRows
 from jtml.data.transforms import build_transforms
 from jtml.errors import JTMLError
 from jtml.geometry import Camera, euler312_to_matrix, matrix_to_pose, project_mesh, rasterize_triangles
-from jtml.io import list_images, read_calibration, read_image, read_mask, read_stl
+from jtml.io import read_calibration, read_image, read_mask, read_stl
 
 __all__ = [
     "INPUTS",
@@ -578,7 +578,7 @@ class PoseFileDataset(Dataset):
 # ------------------------------------------------------------------------------------------------
 
 
-class FluoroPoseDataModule(SplitLoaders, pl.LightningDataModule):
+class FluoroPoseDataModule(IndexedRows, SplitLoaders, pl.LightningDataModule):
     """Per-part pose samples for Lightning (module docstring: sample layout, sources, augmentation).
 
     Args:
@@ -756,55 +756,6 @@ class FluoroPoseDataModule(SplitLoaders, pl.LightningDataModule):
     @property
     def source(self) -> str:
         return self.index if self.index is not None else ", ".join(self.studies) or "renders"
-
-    def _synthetic_missing(self) -> bool:
-        if not self.synthetic:
-            return False
-        out = Path(self.synthetic["out"])
-        return not out.is_dir() or not list_images(out)
-
-    def _split_by(self, studies: list[str]) -> str:
-        return self.split_by or ("study" if len(studies) > 1 else "frame")
-
-    def _build_rows(self, studies: list[str]) -> list[IndexRow]:
-        return build_index(
-            studies, self.val_fraction, self.test_fraction, self.split_seed, self._split_by(studies)
-        )
-
-    def prepare_data(self) -> None:
-        """Generate the synthetic study (and a missing index over it) on first use; rank 0 only."""
-        if self._synthetic_missing():
-            from jtml.data.synth import generate_study
-
-            kwargs = {k: v for k, v in self.synthetic.items() if k != "out"}
-            try:
-                inspect.signature(generate_study).bind(Path(self.synthetic["out"]), **kwargs)
-            except TypeError as e:
-                raise JTMLError(f"synthetic: {e} (arguments of generate_study: {kwargs})") from None
-            generate_study(Path(self.synthetic["out"]), **kwargs)
-        if self.synthetic and self.index is not None and not Path(self.index).is_file():
-            write_index(self.index, self._build_rows([str(self.synthetic["out"])]))
-
-    def _load_rows(self) -> list[IndexRow]:
-        if self.rows is None:
-            if self._synthetic_missing() or (
-                self.synthetic and self.index is not None and not Path(self.index).is_file()
-            ):
-                self.prepare_data()
-            if self.index is not None:
-                rows = read_index(self.index, self.parts)
-            else:
-                rows = self._build_rows(self.studies)
-                known = sorted({p for r in rows for p in (*r.masks, *r.poses, *r.models)})
-                unknown = [p for p in self.parts if p not in known]
-                if unknown:
-                    raise JTMLError(f"unknown part(s) {unknown}: the studies have parts {known}", self.source)
-            self.rows = rows
-        return self.rows
-
-    def split_rows(self, split: str) -> list[IndexRow]:
-        rows = self._load_rows()
-        return list(rows) if split == "all" else [r for r in rows if r.split == split]
 
     def items(self, split: str, need_pose: bool) -> list[PoseItem]:
         """Checked samples of ``split`` (``all``: every row): every problem of every file in one error.

@@ -1,0 +1,80 @@
+"""Where a DataModule's frames come from: an index CSV, study folders, or a synthetic study
+generated on first use — resolved to :class:`~jtml.data.index.IndexRow`\\ s, one per frame."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any
+
+from jtml.data.index import IndexRow, build_index, read_index, write_index
+from jtml.errors import JTMLError
+from jtml.io import list_images
+
+__all__ = ["IndexedRows"]
+
+
+class IndexedRows:
+    """Mixin for a LightningDataModule with ``index``, ``studies``, ``synthetic``, ``parts``,
+    ``split_by``, ``val_fraction``, ``test_fraction``, ``split_seed`` and ``rows`` (None until
+    loaded): generates the synthetic study in ``prepare_data`` and loads the rows once."""
+
+    index: str | None
+    studies: list[str]
+    synthetic: dict[str, Any] | None
+    parts: list[str]
+    split_by: str | None
+    val_fraction: float
+    test_fraction: float
+    split_seed: int
+    rows: list[IndexRow] | None
+
+    def _split_by(self, studies: list[str]) -> str:
+        return self.split_by or ("study" if len(studies) > 1 else "frame")
+
+    def _build_rows(self, studies: list[str]) -> list[IndexRow]:
+        return build_index(
+            studies, self.val_fraction, self.test_fraction, self.split_seed, self._split_by(studies)
+        )
+
+    def _synthetic_missing(self) -> bool:
+        if not self.synthetic:
+            return False
+        out = Path(self.synthetic["out"])
+        return not out.is_dir() or not list_images(out)
+
+    def prepare_data(self) -> None:
+        """Generate the synthetic study (and a missing index over it) on first use; rank 0 only."""
+        if self._synthetic_missing():
+            from jtml.data.synth import generate_study  # lazy: synth is optional for real data
+
+            kwargs = {k: v for k, v in self.synthetic.items() if k != "out"}
+            try:
+                inspect.signature(generate_study).bind(Path(self.synthetic["out"]), **kwargs)
+            except TypeError as e:
+                raise JTMLError(f"synthetic: {e} (arguments of generate_study: {kwargs})") from None
+            generate_study(Path(self.synthetic["out"]), **kwargs)
+        if self.synthetic and self.index is not None and not Path(self.index).is_file():
+            write_index(self.index, self._build_rows([str(self.synthetic["out"])]))
+
+    def _load_rows(self) -> list[IndexRow]:
+        if self.rows is None:
+            if self._synthetic_missing() or (
+                self.synthetic and self.index is not None and not Path(self.index).is_file()
+            ):
+                self.prepare_data()  # setup without a Trainer (scripts, notebooks)
+            if self.index is not None:
+                rows = read_index(self.index, self.parts)
+            else:
+                rows = self._build_rows(self.studies)
+                known = sorted({p for r in rows for p in (*r.masks, *r.poses, *r.models)})
+                unknown = [p for p in self.parts if p not in known]
+                if unknown and known:  # frames alone (known == []): what they lack is checked per use
+                    raise JTMLError(f"unknown part(s) {unknown}: the studies have parts {known}", self.source)
+            self.rows = rows
+        return self.rows
+
+    def split_rows(self, split: str) -> list[IndexRow]:
+        """The rows of ``split`` (``"all"``: every row), in index order."""
+        rows = self._load_rows()
+        return list(rows) if split == "all" else [r for r in rows if r.split == split]
