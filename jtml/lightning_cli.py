@@ -9,6 +9,7 @@ marked ``"status": "failed"``. Each command ends by printing one JSON line: the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -286,6 +287,8 @@ def _abandon_runs() -> None:
             continue
         if not any(run_dir.rglob("*.ckpt")):
             shutil.rmtree(run_dir, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                run_dir.parent.rmdir()  # <root>/<experiment>, if this run was all it held
         else:  # keep what the record holds (argv, config, provenance): the run stays reproducible
             try:
                 record = json.loads((run_dir / RUN_RECORD).read_text())
