@@ -64,9 +64,11 @@ def test_compute_means_medians_success_and_n():
     assert math.isclose(float(out["x_mean"]), 15.0 / 4)
     assert math.isclose(float(out["x_median"]), (1.5 + 3.0) / 2)  # even count: the middle two's mean
     assert math.isclose(float(out["mtre_mean"]), 15.0 / 4)  # a pure translation moves every vertex alike
-    assert float(out["success_1mm_1deg"]) == 0.25
-    assert float(out["success_2mm_2deg"]) == 0.5
-    assert float(out["success_5mm_5deg"]) == 0.75
+    for kind in ("inplane", "3d"):  # no depth error: the in-plane and the 3-D rates agree
+        assert float(out[f"success_{kind}_1mm_1deg"]) == 0.25
+        assert float(out[f"success_{kind}_2mm_2deg"]) == 0.5
+        assert float(out[f"success_{kind}_5mm_5deg"]) == 0.75
+    assert float(out["success_mtre_1mm"]) == 0.25 and float(out["success_mtre_5mm"]) == 0.75
     assert float(out["trap_rate"]) == 0.0
     # rotation errors beyond the threshold fail a sample even with a tiny translation error
     rot = TRUTH.clone()
@@ -74,10 +76,43 @@ def test_compute_means_medians_success_and_n():
     m.reset()
     m.update(rot, TRUTH)
     out = m.compute()
-    assert float(out["success_1mm_1deg"]) == 0.0 and float(out["success_2mm_2deg"]) == 1.0
+    assert float(out["success_inplane_1mm_1deg"]) == 0.0 and float(out["success_inplane_2mm_2deg"]) == 1.0
+    assert float(out["success_3d_1mm_1deg"]) == 0.0 and float(out["success_3d_2mm_2deg"]) == 1.0
     nested = m.nested(out)
-    assert set(nested["success"]) == {"1mm_1deg", "2mm_2deg", "5mm_5deg"}
+    assert list(nested["success"]) == [
+        *(f"inplane_{d}mm_{d}deg" for d in (1, 2, 5)),
+        *(f"3d_{d}mm_{d}deg" for d in (1, 2, 5)),
+        *(f"mtre_{d}mm" for d in (1, 2, 5)),
+    ]
     assert math.isclose(nested["x_rot"]["median"], 1.5, abs_tol=1e-9) and nested["n"] == 4
+
+
+def test_depth_error_is_an_inplane_success_but_not_a_3d_one():
+    """Issue #10, item 13: 0.5 mm in plane, 0.2° and 23.5 mm in depth (the NFD femur's depth error)
+    used to count as "success 1 mm/1°". It is an in-plane success only; the pose is not right."""
+    pred = TRUTH + torch.tensor([0.3, -0.4, 23.5, 0.2, 0.0, 0.0], dtype=torch.float64)
+    m = PoseError(VERTS)
+    m.update(pred, TRUTH)
+    out = m.compute()
+    assert not any(k.startswith(("success_1mm", "success_2mm", "success_5mm")) for k in out)  # old names
+    assert torch.allclose(out["translation_mean"], torch.tensor(math.hypot(0.5, 23.5), dtype=torch.float64))
+    for prefix in ("", "trap_"):  # the twin shares the translation: the trap-aware rates agree
+        for d in (1, 2, 5):
+            assert float(out[f"{prefix}success_inplane_{d}mm_{d}deg"]) == 1.0, (prefix, d)
+            assert float(out[f"{prefix}success_3d_{d}mm_{d}deg"]) == 0.0, (prefix, d)
+            assert float(out[f"{prefix}success_mtre_{d}mm"]) == 0.0, (prefix, d)
+    # a depth error inside the distance passes the 3-D rate: 0.5 mm in plane and 1.5 mm in depth
+    near = TRUTH + torch.tensor([0.3, -0.4, 1.5, 0.2, 0.0, 0.0], dtype=torch.float64)
+    m.reset()
+    m.update(near, TRUTH)
+    nested = m.nested()
+    assert nested["success"]["3d_2mm_2deg"] == 1.0 and nested["success"]["3d_1mm_1deg"] == 0.0
+    assert nested["success"]["inplane_1mm_1deg"] == 1.0
+    assert nested["trap_aware"]["success"]["3d_2mm_2deg"] == 1.0
+    # without the model's vertices there is no mTRE, so no mTRE success
+    plain = PoseError()
+    plain.update(pred, TRUTH)
+    assert not any("mtre" in k for k in plain.compute()) and "3d_5mm_5deg" in plain.nested()["success"]
 
 
 def test_twin_has_zero_trap_aware_error():
@@ -92,7 +127,9 @@ def test_twin_has_zero_trap_aware_error():
     assert float(pose_errors(twin[3:], TRUTH[3:])["geodesic"][0]) < 1e-9
     for key in ("geodesic", "mtre", "x", "y", "z", "z_rot", "x_rot", "y_rot"):
         assert float(out[f"trap_{key}_mean"]) < 1e-9, key
-    assert float(out["trap_success_1mm_1deg"]) == 1.0
+    for key in ("inplane_1mm_1deg", "3d_1mm_1deg", "mtre_1mm"):
+        assert float(out[f"trap_success_{key}"]) == 1.0, key
+        assert float(out[f"success_{key}"]) == 0.25, key  # the 4th truth is its own twin
     chosen, used = trap_aware_poses(TRUTH, TRUTH)  # the truth itself is never swapped
     assert not used.any() and torch.equal(chosen, TRUTH)
 

@@ -10,6 +10,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from jtml.cli import main
 from jtml.data.datamodule import FluoroSegDataModule
 from jtml.data.synth import generate_study
-from jtml.export import export_segmentation, load_segmentation_checkpoint
+from jtml.export import JTMLAppModel, export_segmentation, load_segmentation_checkpoint
 from jtml.io import list_images, read_image
 
 DEMO = Path(__file__).resolve().parents[1] / "experiments" / "demo_seg.yaml"
@@ -188,6 +189,84 @@ def test_export_torchscript_matches_eager(trained, capsys):
     _assert_parity(_app_logits(model, frames), _module_logits(module, dm))
 
 
+def test_torchscript_export_returns_the_input_frame_size(trained, capsys):
+    """Exported for 80² frames (network 64²), fed 96², 128², 96×128 and 72² frames: the logits come
+    back at each frame's own size and equal the eager model's prediction on that frame (issue #10,
+    item 8: the traced wrapper used to return 80² logits whatever the frame). 96 → 64 is a
+    non-integer shrink factor, where OpenCV's INTER_AREA is not an average pool."""
+    tmp, ckpt = trained
+    out = tmp / "seg_any_size.pt"
+    args = ["export", "--ckpt_path", ckpt, "--format", "torchscript", "--out", str(out), "--size", "80"]
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["output"] == [1, 2, 80, 80] and summary["any_frame_size"] is True
+    model = torch.jit.load(str(out))
+    module, prep = load_segmentation_checkpoint(ckpt)
+    for side in (96, 128):
+        study = generate_study(tmp / f"study{side}", frames=2, seed=side, size=side)
+        dm = FluoroSegDataModule(
+            studies=[str(study)], image_size=SIZE, num_workers=0, predict_split="all", train_transforms="none"
+        )
+        frames = [r.image for r in dm.split_rows("all")]
+        app = _app_logits(model, frames)
+        assert [tuple(a.shape) for a in app] == [(1, 2, side, side)] * 2
+        _assert_parity(app, _module_logits(module, dm, size=side))  # the dataset's preprocessing, eagerly
+    # a non-square frame (padded to a square, resized, cropped back) and one smaller than --size
+    eager = JTMLAppModel(module.model, **prep).eval()
+    frame = 255.0 - torch.from_numpy(read_image(frames[0])).float()[None, None]
+    for x, shape in ((frame[..., 16:112, :], (1, 2, 96, 128)), (frame[..., 28:100, 28:100], (1, 2, 72, 72))):
+        with torch.no_grad():
+            scripted = model(x)
+            assert scripted.shape == shape
+            _assert_parity([scripted], [eager(x)])
+
+
+class _Seen(torch.nn.Module):
+    """A stand-in network that keeps what it was fed."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen = x.clone()
+        return x
+
+
+@pytest.mark.parametrize(("side", "size"), [(96, 64), (100, 64), (128, 64), (192, 64), (1000, 256)])
+def test_app_model_shrinks_like_the_dataset(side, size):
+    """The network input equals FluoroSegDataset's cv2.resize(INTER_AREA) grey levels at integer and
+    non-integer factors (the exported model now takes any frame size, so every factor occurs); a
+    pixel whose average is within float rounding of a half grey level may land either way."""
+    stored = np.random.default_rng(side).integers(0, 256, (side, side), dtype=np.uint8)
+    net = _Seen()
+    JTMLAppModel(net, size, normalize="none")(255.0 - torch.from_numpy(stored).float()[None, None])
+    ref = torch.from_numpy(cv2.resize(stored, (size, size), interpolation=cv2.INTER_AREA)).float()
+    diff = (net.seen[0, 0] - ref).abs()
+    assert diff.max().item() <= 1.0 and (diff > 0).float().mean().item() <= 1e-4, (diff > 0).sum().item()
+
+
+def test_crop_mode_torchscript_refuses_other_frame_sizes(trained, tmp_path, capsys):
+    """resize_mode crop runs the (traced) network at the frame's native size: the export holds for
+    --size frames only, and a frame of another size is refused with a message, not answered wrongly."""
+    tmp, ckpt = trained
+    raw = torch.load(ckpt, map_location="cpu", weights_only=True)
+    raw["datamodule_hyper_parameters"] = {**raw["datamodule_hyper_parameters"], "resize_mode": "crop"}
+    crop_ckpt = tmp_path / "crop.ckpt"
+    torch.save(raw, crop_ckpt)
+    out = tmp_path / "seg_crop.pt"
+    assert main(["export", "--ckpt_path", str(crop_ckpt), "--out", str(out), "--size", str(SIZE)]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["any_frame_size"] is False and summary["preprocessing"]["resize_mode"] == "crop"
+    model = torch.jit.load(str(out))
+    module, prep = load_segmentation_checkpoint(crop_ckpt)
+    eager = JTMLAppModel(module.model, **prep).eval()
+    frame = 255.0 - torch.from_numpy(read_image(list_images(tmp / "synth")[0])).float()[None, None]
+    assert frame.shape[-1] == SIZE
+    with torch.no_grad():
+        _assert_parity([model(frame)], [eager(frame)])
+        big = F.pad(frame, (16, 16, 16, 16))  # 96²: the eager wrapper takes it, the export must not guess
+        assert eager(big).shape == (1, 2, 96, 96)
+        with pytest.raises(torch.jit.Error, match=r"frame 96x96: .*longer side is 64 px"):
+            model(big)
+
+
 def _onnx_runner(path: Path):
     ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed: cannot run the ONNX model")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -270,3 +349,7 @@ def test_export_onnx(trained, tmp_path):
     with torch.no_grad():
         eager = JTMLAppModel(module.model, **prep)(torch.from_numpy(x)).numpy()
     assert np.abs(onnx_logits - eager).max() <= 1e-4
+    # the ONNX graph is fixed to --size frames: another size is refused, never answered at the wrong size
+    bigger = np.pad(x, ((0, 0), (0, 0), (16, 16), (16, 16)))
+    with pytest.raises(Exception, match="invalid dimensions for input: image"):
+        session.run(None, {"image": bigger})

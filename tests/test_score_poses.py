@@ -31,6 +31,10 @@ TRUTH = np.array(
 )
 
 
+SUCCESS_KEYS = {f"{kind}_{d}mm_{d}deg" for kind in ("inplane", "3d") for d in (1, 2, 5)}
+SUCCESS_KEYS |= {f"mtre_{d}mm" for d in (1, 2, 5)}
+
+
 def run_json(capsys, *args: str) -> dict:
     """The JSON result; its stderr is kept in ``result["_stderr"]``."""
     assert main(["score-poses", *args, "--json"]) == 0
@@ -81,9 +85,12 @@ def test_nfd_reference_errors_on_kneel1(kneel1, capsys, part):
     for axis, ref in NFD[part].items():
         decimals = 1 if axis == "z" else 2
         assert round(result[axis]["mean"], decimals) == pytest.approx(ref), (axis, result[axis])
-    for key in ("x", "y", "z", "z_rot", "x_rot", "y_rot", "geodesic", "mtre"):
+    for key in ("x", "y", "z", "z_rot", "x_rot", "y_rot", "inplane", "translation", "geodesic", "mtre"):
         assert set(result[key]) == {"mean", "median"}
-    assert set(result["success"]) == {"1mm_1deg", "2mm_2deg", "5mm_5deg"}
+    assert set(result["success"]) == SUCCESS_KEYS
+    if part == "fem":  # the issue's case: 2 mm/2° in plane for every frame, 23.5 mm off in depth
+        assert result["success"]["inplane_2mm_2deg"] == 1.0
+        assert result["success"]["3d_5mm_5deg"] == 0.0 and result["success"]["mtre_5mm"] == 0.0
     # out-of-plane error dominates mTRE
     assert result["mtre"]["mean"] == pytest.approx(result["z"]["mean"], rel=0.1)
 
@@ -106,6 +113,12 @@ def test_table_output(kneel1, capsys):
     assert code == 0 and "3 frame(s) scored" in out
     z_row = next(line for line in out.splitlines() if line.startswith("z (mm)"))
     assert z_row.split()[2] == "23.487"
+    # success rows: label, value, "trap-aware", trap-aware value; the label names what is thresholded
+    lines = [ln for ln in out.splitlines() if ln.startswith("success")]
+    rows = {ln.split("   ")[0].strip(): ln.split()[-3:] for ln in lines}
+    assert len(rows) == 9 and all(r[1] == "trap-aware" for r in rows.values())
+    assert rows["success in-plane 2 mm/2°"][0] == "1.000" and rows["success 3-D 5 mm/5°"][0] == "0.000"
+    assert rows["success mTRE ≤ 5 mm"][0] == "0.000"
 
 
 def test_exact_values_and_twin(files, tmp_path, capsys):
@@ -116,7 +129,9 @@ def test_exact_values_and_twin(files, tmp_path, capsys):
     assert r["x"]["mean"] == pytest.approx(1.0) and r["y"]["median"] == pytest.approx(2.0)
     assert r["z"]["mean"] == pytest.approx(10.0) and r["z_rot"]["mean"] == pytest.approx(0.5)
     assert r["geodesic"]["mean"] == pytest.approx(0.5)  # a pure z_rot change
-    assert r["success"] == {"1mm_1deg": 0.0, "2mm_2deg": 0.0, "5mm_5deg": 1.0}  # in-plane error √5 mm
+    # in-plane error √5 mm, 3-D √105 mm: only the in-plane 5 mm/5° passes
+    assert r["success"] == {k: float(k == "inplane_5mm_5deg") for k in SUCCESS_KEYS}
+    assert r["translation"]["mean"] == pytest.approx(math.sqrt(105.0))
     write_poses(tmp_path / "twin.jts", symmetric_twin(TRUTH).numpy())
     t = run_json(capsys, *args(files, tmp_path / "twin.jts"))
     assert t["trap_rate"] == 1.0 and t["geodesic"]["mean"] > 5.0

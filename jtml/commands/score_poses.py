@@ -9,10 +9,12 @@ the calibration's pixel size); a predicted pose outside the view is scored, with
 
 ``--json`` prints exactly one JSON object: ``x``, ``y``, ``z``, ``z_rot``, ``x_rot``, ``y_rot``,
 ``geodesic``, ``mtre`` (each ``{"mean", "median"}``, absolute errors, mm and degrees; also
-``inplane`` = √(Δx² + Δy²)), ``success``
-(``1mm_1deg``, ``2mm_2deg``, ``5mm_5deg``: in-plane translation error ≤ d and geodesic ≤ θ),
-``trap_rate``, ``n``, plus ``trap_aware`` (the same blocks for the symmetric-trap-aware poses),
-``part``, ``excluded`` (1-based frame rows and why) and ``pred_outside_view``.
+``inplane`` = √(Δx² + Δy²) and ``translation`` = √(Δx² + Δy² + Δz²)), ``success`` (fractions of
+frames, for d/θ = 1 mm/1°, 2 mm/2°, 5 mm/5°: ``inplane_<d>mm_<θ>deg`` in-plane translation error ≤ d
+and geodesic ≤ θ, depth ignored; ``3d_<d>mm_<θ>deg`` 3-D translation error ≤ d and geodesic ≤ θ;
+``mtre_<d>mm`` mTRE ≤ d), ``trap_rate``, ``n``, plus ``trap_aware`` (the same blocks for the
+symmetric-trap-aware poses), ``part``, ``excluded`` (1-based frame rows and why) and
+``pred_outside_view``.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from jtml.geometry import Camera, project_mesh
 from jtml.io import read_calibration, read_poses, read_stl
 
 UNITS = {"x": "mm", "y": "mm", "z": "mm", "z_rot": "deg", "x_rot": "deg", "y_rot": "deg"}
-UNITS.update(inplane="mm", geodesic="deg", mtre="mm")
+UNITS.update(inplane="mm", translation="mm", geodesic="deg", mtre="mm")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -123,6 +125,17 @@ def _fmt(v: float | None) -> str:
     return "nan" if v is None else f"{v:.3f}"
 
 
+def _success_label(key: str) -> str:
+    """``inplane_2mm_2deg`` → ``success in-plane 2 mm/2°`` (the kind always shown: an in-plane
+    success says nothing about depth), ``3d_2mm_2deg`` → ``success 3-D 2 mm/2°``, ``mtre_2mm`` →
+    ``success mTRE ≤ 2 mm``."""
+    kind, _, rest = key.partition("_")
+    if kind == "mtre":
+        return f"success mTRE ≤ {rest.removesuffix('mm')} mm"
+    mm, _, deg = rest.partition("mm_")
+    return f"success {'in-plane' if kind == 'inplane' else '3-D'} {mm} mm/{deg.removesuffix('deg')}°"
+
+
 def format_table(result: dict[str, Any]) -> str:
     """A plain-text table of the plain and trap-aware errors."""
     names = [n for n in UNITS if n in result]
@@ -136,10 +149,10 @@ def format_table(result: dict[str, Any]) -> str:
             f"{n + ' (' + UNITS[n] + ')':16}{_fmt(plain['mean']):>10}{_fmt(plain['median']):>10}"
             f"{_fmt(trap['mean']):>12}{_fmt(trap['median']):>13}"
         )
+    trap = result["trap_aware"]["success"]
     for key, value in result["success"].items():
-        label = "success " + key.replace("mm_", " mm / ").replace("deg", "°")
-        lines.append(f"{label:26}{_fmt(value):>10}   trap-aware {_fmt(result['trap_aware']['success'][key])}")
-    lines.append(f"{'trap rate':26}{_fmt(result['trap_rate']):>10}   (twin closer than the pose)")
+        lines.append(f"{_success_label(key):32}{_fmt(value):>10}   trap-aware {_fmt(trap[key])}")
+    lines.append(f"{'trap rate':32}{_fmt(result['trap_rate']):>10}   (twin closer than the pose)")
     return "\n".join(lines)
 
 

@@ -3,16 +3,24 @@
 For each sample (a predicted and a true JointTrack pose row ``(x, y, z, z_rot, x_rot, y_rot)``):
 
 - ``x``, ``y`` (in-plane, mm), ``z`` (out-of-plane, mm): absolute differences of the camera-frame
-  translation columns; ``inplane`` (mm): ``√(Δx² + Δy²)``;
+  translation columns; ``inplane`` (mm): ``√(Δx² + Δy²)``; ``translation`` (mm): the full 3-D
+  translation error ``√(Δx² + Δy² + Δz²)``;
 - ``z_rot``, ``x_rot``, ``y_rot`` (°): absolute differences of the JointTrack 312 Euler angles,
   each wrapped to ±180° first (so 179° vs −179° is 2°, not 358°);
 - ``geodesic`` (°): the angle of ``R_predᵀ R_true``, independent of the Euler convention;
 - ``mtre`` (mm): mean target registration error, the mean distance between the model's vertices
   placed at the two poses (only when the metric was built with the model's vertices);
-- ``success_<d>mm_<θ>deg``: the fraction of samples whose **in-plane** translation error
-  ``√(Δx² + Δy²) ≤ d`` **and** geodesic error ``≤ θ``. Out-of-plane ``z`` is left out on purpose:
-  single-plane fluoroscopy measures it an order of magnitude worse, and a threshold on it would
-  hide in-plane and rotation progress (``z`` is reported on its own).
+- success rates, for each ``(d, θ)`` of ``thresholds`` (1 mm/1°, 2 mm/2°, 5 mm/5° by default), as
+  the fraction of samples with
+
+  - ``success_inplane_<d>mm_<θ>deg``: **in-plane** translation error ``√(Δx² + Δy²) ≤ d`` and
+    geodesic ``≤ θ``. Depth is left out: single-plane fluoroscopy measures it an order of magnitude
+    worse, and this rate follows in-plane and rotation progress; it is *not* a pose success (a
+    pose 23 mm off in depth passes it);
+  - ``success_3d_<d>mm_<θ>deg``: the full **3-D** translation error ``√(Δx² + Δy² + Δz²) ≤ d`` and
+    geodesic ``≤ θ``: translation (depth included) and rotation both within bounds;
+  - ``success_mtre_<d>mm``: ``mtre ≤ d`` (only with the model's vertices): the placed model is
+    within ``d`` on average, translation and rotation in one number.
 
 Symmetric trap: one view cannot tell a pose from its mirror about the line of sight
 (:func:`jtml.geometry.symmetric_twin`). The ``trap_…`` values score, per sample, whichever of the
@@ -42,6 +50,7 @@ from jtml.geometry import euler312_to_matrix, geodesic_angle, symmetric_twin, wr
 
 __all__ = [
     "AXES",
+    "SUCCESS_KINDS",
     "SUCCESS_THRESHOLDS",
     "PoseError",
     "mtre",
@@ -52,12 +61,17 @@ __all__ = [
 
 AXES = ("x", "y", "z", "z_rot", "x_rot", "y_rot")
 SUCCESS_THRESHOLDS: tuple[tuple[float, float], ...] = ((1.0, 1.0), (2.0, 2.0), (5.0, 5.0))
+# success kind → the translation error it thresholds (with the geodesic), or mtre alone
+SUCCESS_KINDS = {"inplane": "inplane", "3d": "translation", "mtre": "mtre"}
 _MTRE_CHUNK = 256  # samples per mTRE chunk: (chunk, V, 3) float64 stays small for 10k-vertex models
 
 
-def success_key(mm: float, deg: float) -> str:
-    """``1mm_1deg`` for (1, 1); ``0.5mm_2deg`` for (0.5, 2)."""
-    return f"{mm:g}mm_{deg:g}deg"
+def success_key(kind: str, mm: float, deg: float) -> str:
+    """``inplane_1mm_1deg`` for ("inplane", 1, 1), ``3d_0.5mm_2deg`` for ("3d", 0.5, 2),
+    ``mtre_2mm`` for ("mtre", 2, ·): mTRE has no angle; the kind says which error is thresholded."""
+    if kind not in SUCCESS_KINDS:
+        raise ValueError(f"success kind must be one of {sorted(SUCCESS_KINDS)}, got {kind!r}")
+    return f"mtre_{mm:g}mm" if kind == "mtre" else f"{kind}_{mm:g}mm_{deg:g}deg"
 
 
 def _as_poses(x: Tensor | np.ndarray, name: str) -> Tensor:
@@ -86,12 +100,14 @@ def mtre(pred: Tensor, target: Tensor, vertices: Tensor) -> Tensor:
 
 
 def pose_errors(pred: Tensor, target: Tensor, vertices: Tensor | None = None) -> dict[str, Tensor]:
-    """Per-sample absolute errors ``(N,)``: the six axes, ``inplane``, ``geodesic`` (°), ``mtre``."""
+    """Per-sample absolute errors ``(N,)``: the six axes, ``inplane``, ``translation`` (3-D),
+    ``geodesic`` (°), ``mtre``."""
     pred, target = _as_poses(pred, "pred"), _as_poses(target, "target")
     d = pred - target
     d[:, 3:] = wrap_degrees(d[:, 3:])
     out = {axis: d[:, i].abs() for i, axis in enumerate(AXES)}
     out["inplane"] = d[:, :2].norm(dim=-1)
+    out["translation"] = d[:, :3].norm(dim=-1)
     geo = geodesic_angle(euler312_to_matrix(pred[:, 3:]), euler312_to_matrix(target[:, 3:]))
     out["geodesic"] = torch.rad2deg(geo)
     if vertices is not None:
@@ -128,7 +144,8 @@ class PoseError(Metric):
 
     ``update(preds, target)``: ``(B, 6)`` JointTrack pose rows (mm, degrees), finite.
     ``compute()`` returns a flat dict of 0-d float64 tensors: ``<err>_mean`` and ``<err>_median``
-    for ``err`` in x, y, z, z_rot, x_rot, y_rot, inplane, geodesic, mtre; ``success_<d>mm_<θ>deg``;
+    for ``err`` in x, y, z, z_rot, x_rot, y_rot, inplane, translation, geodesic, mtre;
+    ``success_inplane_<d>mm_<θ>deg``, ``success_3d_<d>mm_<θ>deg`` and ``success_mtre_<d>mm``;
     the same under ``trap_`` for the trap-aware poses; ``trap_rate``; and ``n``. With no sample
     every value is NaN and ``n`` is 0. :meth:`nested` turns it into the ``jtml score-poses`` JSON.
     """
@@ -157,7 +174,14 @@ class PoseError(Metric):
 
     @property
     def error_names(self) -> list[str]:
-        return [*AXES, "inplane", "geodesic"] + (["mtre"] if self.vertices is not None else [])
+        return [*AXES, "inplane", "translation", "geodesic"] + (["mtre"] if self.vertices is not None else [])
+
+    @property
+    def success_keys(self) -> list[str]:
+        """The success rates' keys (without ``success_``), in-plane first, then 3-D, then mTRE."""
+        kinds = ["inplane", "3d"] + (["mtre"] if self.vertices is not None else [])
+        keys = [success_key(kind, mm, deg) for kind in kinds for mm, deg in self.thresholds]
+        return list(dict.fromkeys(keys))  # mTRE thresholds repeat when two pairs share a distance
 
     def update(self, preds: Tensor, target: Tensor) -> None:
         p, t = _as_poses(preds, "preds"), _as_poses(target, "target")
@@ -174,11 +198,16 @@ class PoseError(Metric):
             nan = e.new_tensor(float("nan"))
             out[f"{prefix}{name}_mean"] = e.mean() if n else nan
             out[f"{prefix}{name}_median"] = torch.quantile(e, 0.5) if n else nan
-        for mm, deg in self.thresholds:
-            ok = (errors["inplane"] <= mm) & (errors["geodesic"] <= deg)
-            out[f"{prefix}success_{success_key(mm, deg)}"] = (
-                ok.double().mean() if n else errors["x"].new_tensor(float("nan"))
-            )
+        for kind in ("inplane", "3d", "mtre"):
+            if SUCCESS_KINDS[kind] not in errors:
+                continue
+            for mm, deg in self.thresholds:
+                ok = errors[SUCCESS_KINDS[kind]] <= mm
+                if kind != "mtre":
+                    ok &= errors["geodesic"] <= deg
+                out[f"{prefix}success_{success_key(kind, mm, deg)}"] = (
+                    ok.double().mean() if n else errors["x"].new_tensor(float("nan"))
+                )
         return out
 
     def compute(self) -> dict[str, Tensor]:
@@ -192,7 +221,8 @@ class PoseError(Metric):
 
     def nested(self, values: dict[str, Tensor] | None = None) -> dict[str, Any]:
         """``compute()``'s flat dict as the ``score-poses`` JSON: ``{"x": {"mean", "median"}, …,
-        "success": {…}, "trap_rate", "n", "trap_aware": {same layout}}`` with plain floats
+        "success": {"inplane_2mm_2deg", "3d_2mm_2deg", "mtre_2mm", …}, "trap_rate", "n",
+        "trap_aware": {same layout}}`` with plain floats
         (NaN becomes None so the JSON stays standard)."""
         values = self.compute() if values is None else values
 
@@ -205,10 +235,7 @@ class PoseError(Metric):
                 name: {s: num(values[f"{prefix}{name}_{s}"]) for s in ("mean", "median")}
                 for name in self.error_names
             }
-            out["success"] = {
-                success_key(mm, deg): num(values[f"{prefix}success_{success_key(mm, deg)}"])
-                for mm, deg in self.thresholds
-            }
+            out["success"] = {k: num(values[f"{prefix}success_{k}"]) for k in self.success_keys}
             return out
 
         out = block("")
