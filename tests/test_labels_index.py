@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 import shutil
 import subprocess
 import sys
@@ -132,6 +133,81 @@ def test_index_splits_by_study(tmp_path, capsys):
     assert main([*args, "--split-by", "frame", "--out", str(tmp_path / "frames.csv")]) == 0
     frame_rows = read_index(tmp_path / "frames.csv")
     assert any(len({r.split for r in frame_rows if r.study == s}) > 1 for s in by_study)
+
+
+_SPLIT_LINE = re.compile(
+    r"^  (train|val|test) +(\d+) frames? \(([\d.]+)%, asked ([\d.]+)%\) from (\d+) stud(?:y|ies)(?:: (.*))?$"
+)
+
+
+def _index_report(args: list[str], capsys) -> tuple[dict[str, dict], list[str], list]:
+    """Run `jtml index`; its stderr split report parsed per split, its warning lines, the CSV rows."""
+    assert main(args) == 0
+    err = capsys.readouterr().err.splitlines()
+    report = {}
+    for line in err:
+        if m := _SPLIT_LINE.match(line):
+            names = dict(re.fullmatch(r"(\S+) \((\d+)\)", n).groups() for n in (m[6] or "").split(", ") if n)
+            report[m[1]] = {
+                "frames": int(m[2]),
+                "percent": float(m[3]),
+                "asked": float(m[4]),
+                "studies": {k: int(v) for k, v in names.items()},
+            }
+    assert sorted(report) == ["test", "train", "val"], err
+    return report, [ln for ln in err if "warning" in ln.lower()], read_index(args[args.index("--out") + 1])
+
+
+def _frames_per_split(rows) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {s: {} for s in ("train", "val", "test")}
+    for r in rows:
+        out[r.split][r.study] = out[r.split].get(r.study, 0) + 1
+    return out
+
+
+def test_index_reports_the_split_made_and_warns_when_it_misses_the_request(tmp_path, capsys):
+    """3 studies cannot be split 70/20/10 by study: the report shows thirds and one warning line;
+    10 equal studies can, and then there is no warning (split by study or by frame)."""
+    studies = [_tiny_study(tmp_path, f"subject{i}") for i in range(10)]
+    req = ["--val", "0.2", "--test", "0.1"]
+
+    def index(chosen, out, *extra):
+        return _index_report(
+            ["index", "--studies", *map(str, chosen), "--out", str(out), *req, *extra], capsys
+        )
+
+    report, warnings, rows = index(studies[:3], tmp_path / "three.csv")
+    truth = _frames_per_split(rows)
+    for split, asked in (("train", 70), ("val", 20), ("test", 10)):
+        assert report[split]["studies"] == truth[split] and len(truth[split]) == 1  # one whole study each
+        assert report[split]["frames"] == 3 and report[split]["percent"] == 33.3
+        assert report[split]["asked"] == asked
+    assert len(warnings) == 1 and warnings[0].startswith("warning: ")
+    # train and test are off by more than half a study (1/6 of the frames); val (33 vs 20 %) is not
+    assert "train 33.3% (asked 70%)" in warnings[0] and "test 33.3% (asked 10%)" in warnings[0]
+    assert "val " not in warnings[0] and "3 studies" in warnings[0]
+
+    for split_by in ("study", "frame"):
+        out = tmp_path / f"ten-{split_by}.csv"
+        report, warnings, rows = index(studies, out, "--split-by", split_by)
+        assert warnings == [], warnings
+        truth = _frames_per_split(rows)
+        for split, frames in (("train", 21), ("val", 6), ("test", 3)):
+            assert report[split]["frames"] == frames == sum(truth[split].values())
+            assert report[split]["studies"] == truth[split]  # every study of the split, with its frames
+        if split_by == "frame":
+            assert any(len(names) > 1 for names in truth.values())  # frames of one study are shared out
+
+    # one study of 3 frames split by frame: each frame is a third of the data
+    _, warnings, _ = index(studies[:1], tmp_path / "one.csv", "--split-by", "frame")
+    assert len(warnings) == 1 and "test 33.3% (asked 10%)" in warnings[0] and "3 frames" in warnings[0]
+
+    # 10 studies, one of them long: the right number of studies, but not of frames
+    long = _tiny_study(tmp_path, "long", frames=12)
+    report, warnings, rows = index([long, *studies[:9]], tmp_path / "long.csv")
+    split_of_long = next(r.split for r in rows if r.study == "long")
+    assert report[split_of_long]["studies"]["long"] == 12
+    assert len(warnings) == 1 and f"{split_of_long} " in warnings[0]
 
 
 def test_index_bad_input(tmp_path, capsys):

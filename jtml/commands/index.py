@@ -1,11 +1,18 @@
-"""``jtml index``: one CSV row per frame over one or more studies, split by study by default."""
+"""``jtml index``: one CSV row per frame over one or more studies, split by study by default.
+
+The split actually made (per split: frames, their share, the studies) goes to stderr, with a
+one-line warning when it misses the requested fractions by more than
+:data:`jtml.data.index.SPLIT_TOLERANCE` or half a split unit's share (3 studies cannot be
+split 70/20/10: each split gets a whole study).
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections import Counter
 
-from jtml.data.index import SPLIT_BY, build_index, write_index
+from jtml.data.index import SPLIT_BY, SPLITS, build_index, summarize_split, write_index
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,9 +33,13 @@ def run(args: argparse.Namespace) -> int:
     rows = build_index(args.studies, args.val, args.test, args.seed, args.split_by)
     write_index(args.out, rows)
     counts = Counter(r.split for r in rows)
-    studies = {
-        s: sorted({r.split for r in rows if r.study == s}) for s in dict.fromkeys(r.study for r in rows)
-    }
-    print(f"wrote {args.out}: {len(rows)} frames from {len(studies)} studies", end="; ")
-    print(", ".join(f"{k} {counts.get(k, 0)}" for k in ("train", "val", "test")))
+    summary = summarize_split(rows, args.val, args.test, args.split_by)
+    studies = len({r.study for r in rows})
+    print(
+        f"wrote {args.out}: {len(rows)} frames from {studies} stud{'y' if studies == 1 else 'ies'}", end="; "
+    )
+    print(", ".join(f"{k} {counts.get(k, 0)}" for k in SPLITS))
+    print("\n".join(summary.lines()), file=sys.stderr)
+    if (warning := summary.warning()) is not None:
+        print(warning, file=sys.stderr)
     return 0

@@ -104,6 +104,92 @@ def build_index(
     return rows
 
 
+# A realised split fraction may miss the requested one by this much (of the frames) before
+# `jtml index` warns; with n split units (studies, or frames) half a unit's share, 0.5 / n, is
+# what rounding to whole units costs, so the tolerance is the larger of the two.
+SPLIT_TOLERANCE = 0.05
+
+
+@dataclass
+class SplitSummary:
+    """The split a :func:`build_index` call made, against the one it was asked for.
+
+    Fractions are of frames (what a DataModule trains and validates on), so studies of unequal
+    length count by their frames, not as one each.
+    """
+
+    split_by: str
+    requested: dict[str, float]  # split -> requested fraction (train: 1 - val - test)
+    frames: dict[str, dict[str, int]]  # split -> {study: frames in that split}, in index order
+    units: int  # studies (split_by="study") or frames (split_by="frame") that were shuffled
+
+    @property
+    def total(self) -> int:
+        return sum(sum(f.values()) for f in self.frames.values())
+
+    def realised(self, split: str) -> float:
+        return sum(self.frames[split].values()) / self.total if self.total else 0.0
+
+    @property
+    def tolerance(self) -> float:
+        return max(SPLIT_TOLERANCE, 0.5 / self.units) if self.units else SPLIT_TOLERANCE
+
+    def misses(self) -> list[str]:
+        """The splits whose frame fraction is off the request by more than :attr:`tolerance`,
+        or that were asked for (fraction > 0) and got no frame at all."""
+        return [
+            s
+            for s in SPLITS
+            if abs(self.realised(s) - self.requested[s]) > self.tolerance + 1e-9  # not on the boundary
+            or (self.requested[s] > 0 and not self.frames[s])
+        ]
+
+    def lines(self, max_names: int = 20) -> list[str]:
+        """Human-readable report: one line per split with its frames and (up to ``max_names``) studies."""
+        studies = len({st for f in self.frames.values() for st in f})
+        out = [f"split by {self.split_by}: {_count(self.total, 'frame')} from {_count(studies, 'study')}"]
+        for s in SPLITS:
+            counts = self.frames[s]
+            names = [f"{st} ({n})" for st, n in counts.items()]
+            if len(names) > max_names:
+                names = [*names[:max_names], f"... {len(names) - max_names} more"]
+            frames = _count(sum(counts.values()), "frame")
+            share = f"{_pct(self.realised(s))}, asked {_pct(self.requested[s])}"
+            studies_of = _count(len(counts), "study") + (": " + ", ".join(names) if names else "")
+            out.append(f"  {s:<5} {frames:>11} ({share}) from {studies_of}")
+        return out
+
+    def warning(self) -> str | None:
+        """One line when the split misses the request (see :meth:`misses`), else None."""
+        missed = self.misses()
+        if not missed:
+            return None
+        what = ", ".join(f"{s} {_pct(self.realised(s))} (asked {_pct(self.requested[s])})" for s in missed)
+        return (
+            f"warning: the split differs from the one asked for: {what} of the frames, tolerance "
+            f"{_pct(self.tolerance)} ({_count(self.units, self.split_by)}, each in one split)"
+        )
+
+
+def _count(n: int, noun: str) -> str:
+    plural = noun[:-1] + "ies" if noun.endswith("y") else noun + "s"
+    return f"{n} {noun if n == 1 else plural}"
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}".rstrip("0").rstrip(".") + "%"
+
+
+def summarize_split(rows: Sequence[IndexRow], val: float, test: float, split_by: str) -> SplitSummary:
+    """What :func:`build_index` made of a ``val``/``test`` request (see :class:`SplitSummary`)."""
+    frames: dict[str, dict[str, int]] = {s: {} for s in SPLITS}
+    for r in rows:
+        frames[r.split][r.study] = frames[r.split].get(r.study, 0) + 1
+    units = len({r.study for r in rows}) if split_by == "study" else len(rows)
+    requested = {"train": 1.0 - val - test, "val": val, "test": test}
+    return SplitSummary(split_by=split_by, requested=requested, frames=frames, units=units)
+
+
 def _parts(rows: Sequence[IndexRow]) -> list[str]:
     return sorted({p for r in rows for p in (*r.masks, *r.poses, *r.models)})
 
