@@ -74,7 +74,9 @@ class StepTimer(pl.Callback):
 
 
 def build_module(config: Path, channels_last: bool, compile: bool) -> SegmentationModule:
-    args = yaml.safe_load(config.read_text())["model"]["init_args"]
+    spec = yaml.safe_load(config.read_text())
+    # parts: under data, linked to the model
+    args = {"parts": spec["data"]["init_args"]["parts"], **spec["model"]["init_args"]}
     keep = ("parts", "arch", "encoder_name", "encoder_depth", "model_kwargs", "loss")
     return SegmentationModule(
         **{k: args[k] for k in keep if k in args}, channels_last=channels_last, compile=compile

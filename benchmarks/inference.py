@@ -33,7 +33,9 @@ SIZE = 1024
 
 
 def _demo_module() -> SegmentationModule:
-    args = yaml.safe_load(DEMO.read_text())["model"]["init_args"]
+    spec = yaml.safe_load(DEMO.read_text())
+    # parts: under data, linked to the model
+    args = {"parts": spec["data"]["init_args"]["parts"], **spec["model"]["init_args"]}
     keep = ("parts", "arch", "encoder_name", "encoder_depth", "model_kwargs", "loss")
     return SegmentationModule(**{k: args[k] for k in keep if k in args})
 

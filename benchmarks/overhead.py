@@ -56,7 +56,7 @@ def plain_loop(tmp: Path, warmup: int, steps: int, size: int, batch: int) -> flo
     torch.manual_seed(spec["seed_everything"])
     margs = spec["model"]["init_args"]
     model = SegmentationModule(
-        parts=margs["parts"],
+        parts=spec["data"]["init_args"]["parts"],  # linked to the model from data
         arch=margs["arch"],
         encoder_name=margs["encoder_name"],
         encoder_depth=margs["encoder_depth"],

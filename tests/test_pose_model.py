@@ -408,8 +408,10 @@ def test_cli_bad_input_is_one_error_line(tmp_path, study, capsys, monkeypatch):
                 "null",
                 "--data.init_args.input",
                 "frame",
+                "--model.init_args.input",
+                "both",
             ],
-            "mask model cannot take frames",
+            "contradicts data.init_args.input 'frame'",
         ),
     ]
     for extra, needle in cases:

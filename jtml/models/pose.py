@@ -57,6 +57,7 @@ from jtml.geometry import (
 from jtml.io import Calibration
 from jtml.metrics.pose import PoseError
 from jtml.models import loadable_hparams
+from jtml.models.schedules import check_restored_lengths, scheduler_config
 
 __all__ = ["PoseModule", "decode_pose", "encode_pose", "ray_rotation"]
 
@@ -187,7 +188,9 @@ class PoseModule(pl.LightningModule):
         trap_aware_loss: rotation loss = min over the true rotation and its symmetric twin; True
             for every part, or a list of parts (e.g. ``[tib]``: a near-symmetric tibial tray next to
             an asymmetric femoral component).
-        optimizer, lr_scheduler: LightningCLI callables; ``scheduler_interval``: ``epoch``/``step``.
+        optimizer, lr_scheduler: LightningCLI callables; the length of a OneCycleLR or CosineAnnealingLR
+            left out of the config is the run's (see :mod:`jtml.models.schedules`).
+        scheduler_interval: ``step`` or ``epoch``; default the schedule's own (``step`` for OneCycleLR).
         monitor: what a ReduceLROnPlateau scheduler watches.
         channels_last: channels-last backbone (faster convolutions with bf16 autocast on CPUs
             with AMX/AVX512-BF16, and with AMP on GPUs). The head always runs in float32.
@@ -214,7 +217,7 @@ class PoseModule(pl.LightningModule):
         trap_aware_loss: bool | list[str] = False,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
-        scheduler_interval: Literal["epoch", "step"] = "epoch",
+        scheduler_interval: Literal["epoch", "step"] | None = None,
         monitor: str = "val/loss",
         channels_last: bool = False,
     ) -> None:
@@ -525,11 +528,14 @@ class PoseModule(pl.LightningModule):
         optimizer = self._optimizer_fn(self.parameters())
         if self._scheduler_fn is None:
             return optimizer
-        scheduler = self._scheduler_fn(optimizer)
-        config: dict[str, Any] = {"scheduler": scheduler, "interval": self.scheduler_interval}
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            config["monitor"] = self.monitor
+        # the schedule's length follows the trainer unless the config gives it (jtml.models.schedules)
+        config = scheduler_config(
+            self._scheduler_fn, optimizer, self._trainer, self.scheduler_interval, monitor=self.monitor
+        )
         return {"optimizer": optimizer, "lr_scheduler": config}
+
+    def on_train_start(self) -> None:
+        check_restored_lengths(self.trainer)  # a resumed checkpoint's schedule must cover this run
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         loadable_hparams(checkpoint, self.CHECKPOINT_HYPER_PARAMS_KEY)  # torch.load(weights_only=True)

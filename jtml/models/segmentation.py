@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from jtml.errors import JTMLError
 from jtml.metrics.segmentation import BoundaryDistance, DiceIoU
 from jtml.models import loadable_hparams
+from jtml.models.schedules import check_restored_lengths, scheduler_config
 
 __all__ = ["LOSSES", "SegmentationModule", "build_loss", "load_encoder_state_dict"]
 
@@ -128,6 +129,29 @@ def load_encoder_state_dict(encoder: nn.Module, path: str | os.PathLike) -> None
         ) from None
 
 
+def freeze_unused_parameters(net: nn.Module, in_channels: int, size: int) -> list[str]:
+    """Turn off ``requires_grad`` of the parameters no output depends on, and name them.
+
+    smp encoders at ``encoder_depth < 5`` keep their deeper stages (e.g. a ResNet's ``layer4``)
+    although the forward pass never reaches them. Such parameters never get a gradient, which
+    plain DDP (``strategy: ddp``) refuses as an error; frozen, DDP ignores them and checkpoints keep
+    their keys. Found by one backward pass of a zero image in eval mode (no BatchNorm statistics move).
+    """
+    was_training = net.training
+    net.eval()
+    try:
+        out = net(torch.zeros(1, in_channels, size, size))
+        (out.float().sum() if torch.is_tensor(out) else sum(o.float().sum() for o in out)).backward()
+    finally:
+        net.train(was_training)
+    unused = [name for name, p in net.named_parameters() if p.requires_grad and p.grad is None]
+    for name, p in net.named_parameters():
+        p.grad = None
+        if name in unused:
+            p.requires_grad_(False)
+    return unused
+
+
 class SegmentationModule(pl.LightningModule):
     """smp segmentation network with a per-part sigmoid head for grayscale (1-channel) frames.
 
@@ -140,7 +164,9 @@ class SegmentationModule(pl.LightningModule):
         encoder_depth: number of encoder stages used.
         model_kwargs: extra ``smp.create_model`` arguments (e.g. ``decoder_channels``).
         loss: see :func:`build_loss` (``"bce"``, ``"dice+bce"``, or a list of ``{name, weight, ...}``).
-        optimizer, lr_scheduler: callables taking params / the optimizer (LightningCLI style).
+        optimizer, lr_scheduler: callables taking params / the optimizer (LightningCLI style). A OneCycleLR
+            steps per batch; the length of a OneCycleLR or CosineAnnealingLR left out of the config is the
+            run's (see :mod:`jtml.models.schedules`).
         threshold: probability threshold for metrics.
         monitor: metric a ReduceLROnPlateau scheduler watches.
         channels_last: use channels-last memory format (faster convs with AMP on recent GPUs).
@@ -193,6 +219,7 @@ class SegmentationModule(pl.LightningModule):
             )
         except (KeyError, ValueError, TypeError, RuntimeError) as e:
             raise JTMLError(f"cannot build {arch} with encoder {encoder_name!r}: {e}") from None
+        freeze_unused_parameters(self.model, in_channels=1, size=2 ** max(encoder_depth, 5) * 2)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.channels_last = channels_last
@@ -236,6 +263,9 @@ class SegmentationModule(pl.LightningModule):
         if self.compile_options is not None and not getattr(self, "_compiled", False):
             self.model.compile(**self.compile_options)
             self._compiled = True
+
+    def on_train_start(self) -> None:
+        check_restored_lengths(self.trainer)  # a resumed checkpoint's schedule must cover this run
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         loadable_hparams(checkpoint, self.CHECKPOINT_HYPER_PARAMS_KEY)  # torch.load(weights_only=True)
@@ -308,7 +338,9 @@ class SegmentationModule(pl.LightningModule):
         optimizer = self._optimizer_fn(self.parameters())
         if self._scheduler_fn is None:
             return optimizer
-        scheduler = self._scheduler_fn(optimizer)
+        # the schedule's length follows the trainer unless the config gives it (jtml.models.schedules)
+        config = scheduler_config(self._scheduler_fn, optimizer, self._trainer, monitor=self.monitor)
+        scheduler = config["scheduler"]
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             higher_better = any(k in self.monitor for k in ("dice", "iou"))
             if higher_better and scheduler.mode == "min":
@@ -316,5 +348,4 @@ class SegmentationModule(pl.LightningModule):
                     f"ReduceLROnPlateau(mode='min') watches {self.monitor!r}, where higher is better; "
                     "set mode: max"
                 )
-            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": self.monitor}}
-        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+        return {"optimizer": optimizer, "lr_scheduler": config}
