@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -42,9 +43,19 @@ TINY_DATA = {
 }
 
 
-def test_there_are_experiments():
-    names = {p.stem for p in EXPERIMENTS}
-    assert {"demo_seg", "jtml_hrnet_seg", "unet_r34_seg"} <= names
+def test_readme_documents_exactly_the_experiments():
+    """Every experiment YAML (sweeps included) is named in the README, and every one it or the
+    Makefile names exists: adding, renaming or removing one without the docs fails here."""
+    root = Path(__file__).resolve().parents[1]
+
+    def named(doc: str) -> set[str]:
+        return set(re.findall(r"experiments/[a-z0-9_/]+\.yaml", (root / doc).read_text()))
+
+    on_disk = {p.relative_to(root).as_posix() for p in (root / "experiments").rglob("*.yaml")}
+    readme = named("README.md")
+    assert readme == on_disk, {"undocumented": on_disk - readme, "missing": readme - on_disk}
+    makefile = named("Makefile")
+    assert "experiments/demo_seg.yaml" in makefile and makefile <= on_disk  # README: `make demo` runs it
 
 
 @pytest.mark.parametrize("config", EXPERIMENTS, ids=[p.stem for p in EXPERIMENTS])

@@ -8,9 +8,13 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from scipy import ndimage
 
 from jtml.cli import main
+from jtml.data.datamodule import FluoroSegDataModule
 from jtml.wandb_offline import read_offline_run
 
 DEMO = Path(__file__).resolve().parents[1] / "experiments" / "demo_seg.yaml"
@@ -24,6 +28,61 @@ def _tiny(tmp: Path, study: str = "synth", seed: int = 0) -> list[str]:
         "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0",
         "--data.init_args.val_fraction", "0.25", "--data.init_args.test_fraction", "0.25",
     ]  # fmt: skip
+
+
+def _hd95_px(a: np.ndarray, b: np.ndarray) -> float:
+    """HD95 between two non-empty masks the MONAI way (boundary = pixels a 4-neighbour erosion
+    removes, outside the frame is background), with scipy instead of jtml's OpenCV code."""
+    edge_a, edge_b = (m & ~ndimage.binary_erosion(m, border_value=0) for m in (a, b))
+    a_to_b = ndimage.distance_transform_edt(~edge_b)[edge_a]
+    b_to_a = ndimage.distance_transform_edt(~edge_a)[edge_b]
+    return max(np.percentile(a_to_b, 95), np.percentile(b_to_a, 95))
+
+
+def _dice_plus_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The demo's ``loss: dice+bce``, built from smp and torch directly rather than by jtml's parser."""
+    import segmentation_models_pytorch as smp
+
+    dice = smp.losses.DiceLoss("multilabel", from_logits=True)(logits, target)
+    return dice + torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
+
+
+def _reference_metrics(checkpoint: str, dm: FluoroSegDataModule, split: str) -> dict[str, float]:
+    """The checkpoint's Dice and IoU (torchmetrics) and HD95 (scipy) on every frame of ``split``,
+    computed here from the dataset's samples: none of jtml's metrics, steps or loaders, so a logged
+    value that disagrees was computed on other frames or weights, or computed wrongly."""
+    from torchmetrics.functional.segmentation import dice_score, mean_iou
+
+    from jtml.models.segmentation import SegmentationModule
+
+    dm.setup("validate" if split == "val" else split)
+    dataset = getattr(dm, f"{split}_dataset")
+    samples = [dataset[i] for i in range(len(dataset))]
+    model = SegmentationModule.load_from_checkpoint(checkpoint, map_location="cpu").eval()
+    with torch.no_grad():
+        logits = model(torch.stack([s["image"] for s in samples]))
+    target = torch.stack([s["mask"] for s in samples])
+    loss = _dice_plus_bce(logits, target)
+    pred = (logits.sigmoid() > model.threshold).long()
+    n = len(model.parts)
+    dice = dice_score(pred, target.long(), num_classes=n, average="none", input_format="one-hot")
+    iou = mean_iou(pred, target.long(), num_classes=n, per_class=True, input_format="one-hot")
+    dice, iou = dice.nan_to_num(1.0).mean(0), torch.where(iou < 0, 1.0, iou).mean(0)  # both empty: 1
+    out = {f"{split}/dice_mean": dice.mean().item(), f"{split}/iou_mean": iou.mean().item()}
+    if len(samples) <= dm.batch_size:  # one batch: smp's Dice loss pools a batch, so only then equal
+        out[f"{split}/loss"] = loss.item()
+    for j, part in enumerate(model.parts):
+        out[f"{split}/dice_{part}"], out[f"{split}/iou_{part}"] = dice[j].item(), iou[j].item()
+        hd95 = []  # (px, mm) per frame; a part present in only one of prediction and label has none
+        for s, p, t in zip(samples, pred[:, j].bool().numpy(), target[:, j].bool().numpy(), strict=True):
+            if p.any() and t.any():
+                px = _hd95_px(p, t)
+                hd95.append((px, px * s["pixel_size"].item()))
+            elif not p.any() and not t.any():
+                hd95.append((0.0, 0.0))
+        if hd95:
+            out[f"{split}/hd95_{part}_px"], out[f"{split}/hd95_{part}_mm"] = np.mean(hd95, axis=0).tolist()
+    return out
 
 
 def _summary(capsys) -> dict:
@@ -47,8 +106,14 @@ def test_fit_summary_and_run_directory(fitted):
     assert run_dir.parent == tmp / "runs" / "demo_seg"
     assert Path(summary["checkpoint"]).name == "last.ckpt" and Path(summary["checkpoint"]).is_file()
     assert Path(summary["best_checkpoint"]).is_file()
-    for key in ("val/dice_fem", "val/dice_tib", "val/dice_mean", "val/iou_mean", "val/loss"):
-        assert 0.0 <= summary["metrics"][key] <= (1.0 if "dice" in key or "iou" in key else 10.0)
+    # The printed metrics are last.ckpt's on the validation frames, recomputed here independently.
+    dm = FluoroSegDataModule.load_from_checkpoint(summary["checkpoint"])  # the fit's own data settings
+    reference = _reference_metrics(summary["checkpoint"], dm, "val")
+    scores = [k for k in reference if k.startswith(("val/dice_", "val/iou_"))]
+    assert len(scores) == 6  # fem, tib and mean of each
+    for key in scores:
+        assert summary["metrics"][key] == pytest.approx(reference[key], abs=1e-6), key
+    assert summary["metrics"]["val/loss"] == pytest.approx(reference["val/loss"], rel=1e-5)
     record = json.loads((run_dir / "run.json").read_text())
     assert record["status"] == "finished" and record["git"]["sha"] and record["versions"]["torch"]
     assert "SegmentationModule" in (run_dir / "config.yaml").read_text()
@@ -97,8 +162,12 @@ def test_test_on_held_out_synthetic_study(fitted, capsys):
     ]
     assert main(args) == 0
     metrics = _summary(capsys)["metrics"]
-    for key in ("test/dice_fem", "test/dice_tib", "test/hd95_fem_px", "test/hd95_tib_mm"):
-        assert key in metrics and metrics[key] is not None
+    held_out = {"out": str(tmp / "held_out"), "frames": 8, "seed": 5, "size": 64}
+    dm = FluoroSegDataModule.load_from_checkpoint(summary["checkpoint"], synthetic=held_out)
+    reference = _reference_metrics(summary["checkpoint"], dm, "test")
+    assert {"test/hd95_fem_px", "test/hd95_tib_mm"} <= reference.keys()  # the comparison below is real
+    for key, value in reference.items():
+        assert metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
 
 
 def test_unknown_config_key_is_named(tmp_path, capsys):

@@ -81,10 +81,16 @@ def test_bad_specs_raise_jtml_errors_naming_the_culprit(spec, message):
     assert str(err.value).startswith("train_transforms")
 
 
-def test_without_strict_albumentations_would_only_warn():
-    """Why strict matters: a legacy argument is otherwise dropped with a warning."""
-    with pytest.warns(UserWarning, match="mode"):
-        A.Affine(mode=0)
+def test_albumentations_without_strict_still_drops_a_legacy_argument():
+    """Canary for why jtml builds every transform with ``strict=True``: albumentations on its own only
+    warns about an argument the transform lacks and drops it, so a 1.x ``mode: cv2.BORDER_REFLECT_101``
+    would silently train with the default constant border. If this fails, albumentations changed that
+    behaviour: revisit ``jtml.data.transforms`` (its strict handling and docstring)."""
+    with pytest.warns(UserWarning, match=r"^Argument\(s\) 'mode' are not valid for transform Affine$"):
+        lax = A.Affine(mode=cv2.BORDER_REFLECT_101, rotate=(30, 30), p=1.0)
+    assert lax.border_mode == cv2.BORDER_CONSTANT  # the requested border is gone, not just renamed
+    with pytest.raises(ValueError, match=r"'mode' are not valid for transform Affine"):
+        A.Affine(mode=cv2.BORDER_REFLECT_101, strict=True)  # what build_transforms turns into a JTMLError
 
 
 @pytest.mark.parametrize("size", [64, 256, 1024])
