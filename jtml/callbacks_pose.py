@@ -73,6 +73,7 @@ class CPUThreads(pl.Callback):
         if num_threads is not None and num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {num_threads}")
         self.num_threads = num_threads
+        self._previous: int | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if pl_module.device.type != "cpu":
@@ -81,8 +82,17 @@ class CPUThreads(pl.Callback):
         if n is None:
             workers = int(getattr(trainer.datamodule, "num_workers", 0) or 0) if trainer.datamodule else 0
             n = max(1, (os.cpu_count() or 1) - workers)
+        self._previous = torch.get_num_threads()
         torch.set_num_threads(n)
         rank_zero_info(f"torch CPU threads: {n}")
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Give the process its thread count back: a later run in the same process (a notebook,
+        the test suite) must not inherit this run's set-up, or it would not reproduce its own
+        stand-alone results (thread count changes the float summation order)."""
+        if self._previous is not None:
+            torch.set_num_threads(self._previous)
+            self._previous = None
 
 
 class PosePredictionWriter(BasePredictionWriter):

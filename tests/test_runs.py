@@ -64,7 +64,7 @@ def test_runs_json_lists_config_differences_and_logged_metrics(three_runs):
     by_dir = {row["run_dir"]: row for row in rows}
     for lr, summary in zip(LRS, summaries, strict=True):
         row = by_dir[summary["run_dir"]]
-        assert row["status"] == "finished"
+        assert row["status"] == "finished" and row["command"] == "fit" and row["experiment"] == "demo_seg"
         assert row["config_diff"] == {LR: lr}
         # final: what run.json recorded; best: the max of the W&B history, read independently
         recorded = json.loads((Path(summary["run_dir"]) / "run.json").read_text())["metrics"]
@@ -81,12 +81,17 @@ def test_runs_table_and_plot(three_runs):
     png = tmp / "dice.png"
     code, out = _run(["runs", str(tmp / "runs"), "--metric", "val/loss", "--mode", "min", "--plot", str(png)])
     assert code == 0
-    lines = out.strip().splitlines()
-    assert LR in lines[0] and "final val/loss" in lines[0] and "best val/loss" in lines[0]
-    body = [ln for ln in lines[1:] if ln.startswith("demo_seg/")]
+    lines = [ln.strip() for ln in out.strip().splitlines()]
+    assert lines[0] == "demo_seg: 3 fit"  # one section per experiment, its runs counted by command
+    assert lines[1].split()[:3] == ["fit", "status", "lr"]  # lr: the only key that differs
+    assert "final val/loss" in lines[1] and "best val/loss" in lines[1]
+    assert f"lr = {LR}" in lines  # the abbreviated column, spelled out
+    body = [ln for ln in lines if ln.split()[1:2] == ["finished"]]
     assert len(body) == 3
-    for summary in summaries:
-        assert any(Path(summary["run_dir"]).name in ln for ln in body)
+    for lr, summary in zip(LRS, summaries, strict=True):
+        (line,) = [ln for ln in body if ln.startswith(Path(summary["run_dir"]).name)]
+        assert line.split()[2] == f"{lr:.4g}"
+    assert lines[-1] == f"plot: {png}"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
 
 
@@ -145,7 +150,8 @@ def test_reproduce_names_missing_files(tmp_path, capsys):
 def test_resume_last_continues_the_run_directory_and_wandb_run(three_runs):
     tmp, summaries = three_runs
     root = tmp / "resume"
-    one = _fit(root, tmp / "synth", epochs=1)
+    # stopped after its first epoch (of 2: the cosine schedule's length is the uninterrupted run's)
+    one = _fit(root, tmp / "synth", "--trainer.max_steps", "2", epochs=2)
     resumed = _fit(root, tmp / "synth", "--ckpt_path", "last", epochs=2)
     assert resumed["run_dir"] == one["run_dir"]
     assert len(list((root / "demo_seg").iterdir())) == 1
@@ -162,16 +168,37 @@ def test_resume_last_continues_the_run_directory_and_wandb_run(three_runs):
     assert record["status"] == "finished" and "last" in record["argv"]
 
 
+def _subprocess_env() -> dict[str, str]:
+    """One process set-up for every run a test compares bit for bit: a fresh interpreter with one
+    torch CPU thread (the thread count changes the float summation order, see the README)."""
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(Path(__file__).parent)}
+    env["OMP_NUM_THREADS"] = "1"
+    for key in ("JTML_RUN_DIR", "WANDB_SERVICE"):  # not this pytest process's run dir or W&B service
+        env.pop(key, None)
+    return env
+
+
+def _state_dict(ckpt: str | Path) -> dict[str, torch.Tensor]:
+    return torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+
+
 def test_kill_9_in_epoch_2_then_resume_last_equals_the_uninterrupted_run(three_runs):
     """A real SIGKILL of a `jtml fit` process in the middle of its 2nd epoch (test callback
     ``_sigkill.SigkillAt``), then `--ckpt_path last`: every checkpoint left behind loads, and the
-    resumed run ends with the uninterrupted run's metrics (same seed, deterministic, CPU)."""
+    resumed run ends **bit-identical** to the uninterrupted run of the same process set-up (the
+    README's promise: same seed, deterministic, same machine, threads and devices). Against the
+    same run in another set-up (this pytest process's thread count) only the stated tolerance holds."""
     tmp, summaries = three_runs
+    env = _subprocess_env()
+    args = [sys.executable, "-m", "jtml.cli", "fit", "--config", str(DEMO)]
+    straight = subprocess.run(
+        [*args, *_tiny(tmp / "straight", tmp / "synth")], env=env, capture_output=True, text=True
+    )
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    baseline = json.loads(straight.stdout.strip().splitlines()[-1])
+
     root = tmp / "killed"
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(Path(__file__).parent)}
-    for key in ("JTML_RUN_DIR", "WANDB_SERVICE"):  # not this pytest process's run dir or W&B service
-        env.pop(key, None)
-    args = [sys.executable, "-m", "jtml.cli", "fit", "--config", str(DEMO), *_tiny(root, tmp / "synth")]
+    args = [*args, *_tiny(root, tmp / "synth")]
     killer = json.dumps({"class_path": "_sigkill.SigkillAt", "init_args": {"epoch": 1, "batch": 1}})
     proc = subprocess.run([*args, f"--trainer.callbacks+={killer}"], env=env, capture_output=True, text=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
@@ -187,10 +214,15 @@ def test_kill_9_in_epoch_2_then_resume_last_equals_the_uninterrupted_run(three_r
     resumed = json.loads(proc.stdout.strip().splitlines()[-1])
     assert Path(resumed["run_dir"]) == run_dir
     assert torch.load(resumed["checkpoint"], map_location="cpu", weights_only=False)["epoch"] == 1
+    assert resumed["metrics"] == baseline["metrics"]  # every logged value, bit for bit
+    weights, expected = _state_dict(resumed["checkpoint"]), _state_dict(baseline["checkpoint"])
+    assert weights.keys() == expected.keys()
+    assert all(torch.equal(weights[k], expected[k]) for k in expected)
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
+    # another process set-up (threads, interpreter state): equal within the README's tolerance only
     for key, value in summaries[0]["metrics"].items():
         if key.startswith(("val/", "train/")):
-            assert resumed["metrics"][key] == pytest.approx(value, abs=1e-6), key
-    assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
+            assert baseline["metrics"][key] == pytest.approx(value, rel=1e-3, abs=1e-4), key
 
 
 def test_checkpoint_write_killed_midway_leaves_the_previous_checkpoint_intact(tmp_path):

@@ -8,16 +8,16 @@ intensity augmentations see the stored value range (uint8 0–255, 16-bit frames
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Sequence
 from typing import Any, Literal
 
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import Dataset
 
 from jtml.data.index import IndexRow
+from jtml.data.loaders import EpochSeeded
 from jtml.errors import JTMLError
 from jtml.io import read_calibration, read_image
 
@@ -49,7 +49,7 @@ def _pad_to(a: np.ndarray, h: int, w: int) -> np.ndarray:
     return np.pad(a, pad)
 
 
-class FluoroSegDataset(Dataset):
+class FluoroSegDataset(EpochSeeded, Dataset):
     """One sample per index row: a normalised frame, its part masks and its pixel size.
 
     ``__getitem__`` returns ``image`` float32 (1, S, S); ``mask`` float32 (P, S, S) in {0, 1}, one
@@ -107,27 +107,9 @@ class FluoroSegDataset(Dataset):
         if self.masks and not have_all:
             missing = next((r, p) for r in self.rows for p in self.parts if r.masks.get(p) is None)
             raise JTMLError(f"frame {missing[0].frame} lists no {missing[1]} mask", missing[0].image)
-        self._seeded_for: tuple[int, int] | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
-
-    def _per_process(self) -> None:
-        """Once per process (and per epoch's workers): a fresh augmentation stream.
-
-        albumentations draws from the Compose's own generator, which forked workers would all
-        inherit in the same state: identical augmentations across workers and epochs. torch's
-        per-worker seed differs per worker and per epoch and follows ``seed_everything``.
-        (Never ``cv2.setNumThreads`` here: in a forked worker whose parent has started OpenCV's
-        thread pool it waits forever for threads that were not forked.)
-        """
-        info = get_worker_info()
-        key = (os.getpid(), info.seed if info is not None else torch.initial_seed())
-        if key == self._seeded_for:
-            return
-        self._seeded_for = key
-        if hasattr(self.transform, "set_random_seed"):
-            self.transform.set_random_seed(key[1] % 2**32)
 
     def _geometry(
         self, img: np.ndarray, mask: np.ndarray | None
@@ -138,9 +120,8 @@ class FluoroSegDataset(Dataset):
             mask = None if mask is None else _pad_to(mask, s, s)
             h, w = img.shape[:2]
             if self.random_crop:
-                # torch's generator: seeded per DataLoader worker, unlike numpy's global one
-                y = int(torch.randint(0, h - s + 1, ()).item())
-                x = int(torch.randint(0, w - s + 1, ()).item())
+                self._reseed()  # the epoch's stream (EpochSeeded), like the augmentation's
+                y, x = (int(v) for v in self.rng.integers(0, (h - s + 1, w - s + 1)))
             else:
                 y, x = (h - s) // 2, (w - s) // 2
             img = img[y : y + s, x : x + s]
@@ -191,7 +172,7 @@ class FluoroSegDataset(Dataset):
         if img.dtype != np.uint8:  # albumentations handles uint8 and float32 in [0, 1]
             img = img.astype(np.float32) / np.float32(maxval)
         if self.transform is not None:
-            self._per_process()
+            self._reseed()
             out = self.transform(image=img, mask=mask) if mask is not None else self.transform(image=img)
             img, mask = out["image"], out.get("mask")
         a, b = self._affine(img, maxval)

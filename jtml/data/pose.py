@@ -44,7 +44,6 @@ Augmentation must keep the label right, so only pose-consistent operations exist
 from __future__ import annotations
 
 import math
-import os
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -56,10 +55,10 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import trimesh
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import Dataset
 
 from jtml.data.index import SPLITS, IndexRow
-from jtml.data.loaders import SplitLoaders
+from jtml.data.loaders import EpochSeeded, SplitLoaders
 from jtml.data.sources import IndexedRows
 from jtml.data.transforms import build_transforms
 from jtml.errors import JTMLError
@@ -486,7 +485,7 @@ class PoseItem:
     n_frames: int
 
 
-class PoseFileDataset(Dataset):
+class PoseFileDataset(EpochSeeded, Dataset):
     """Samples of indexed frames (one per frame and part): ROI from the part's mask.
 
     ``augment``: random ``rotation_range`` (exact in-plane rotation of frame, mask and pose about
@@ -509,7 +508,6 @@ class PoseFileDataset(Dataset):
         self.roi_size, self.margin, self.invert = int(roi_size), float(margin), bool(invert)
         self.augment, self.jitter, self.rotation_range = bool(augment), tuple(jitter), float(rotation_range)
         self.transform = transform
-        self._seeded_for: tuple[int, int] | None = None
         self._calibrations: dict[Path, Any] = {}
 
     def __len__(self) -> int:
@@ -520,13 +518,6 @@ class PoseFileDataset(Dataset):
         if path not in self._calibrations:
             self._calibrations[path] = read_calibration(path)
         return Camera.from_calibration(self._calibrations[path], item.shape[1], item.shape[0])
-
-    def _reseed(self) -> None:
-        info = get_worker_info()
-        key = (os.getpid(), info.seed if info is not None else torch.initial_seed())
-        if key != self._seeded_for and hasattr(self.transform, "set_random_seed"):
-            self.transform.set_random_seed(key[1] % 2**32)
-        self._seeded_for = key
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         it = self.items[index]
@@ -645,8 +636,6 @@ class FluoroPoseDataModule(IndexedRows, SplitLoaders, pl.LightningDataModule):
             raise JTMLError(f"input must be one of {INPUTS}, got {input!r}")
         if not parts or len(set(parts)) != len(parts):
             raise JTMLError(f"parts must be distinct and non-empty, got {parts}")
-        if index is not None and studies:
-            raise JTMLError("give either an index CSV or study folders, not both")
         if not render and index is None and not studies and not synthetic:
             raise JTMLError("no data: give an index CSV, study folders, a synthetic study or render: true")
         if render and input != "mask":
@@ -654,8 +643,6 @@ class FluoroPoseDataModule(IndexedRows, SplitLoaders, pl.LightningDataModule):
                 f"render: true renders silhouettes, so it needs input: mask (got {input!r}); frame input "
                 "trains on studies (e.g. a synthetic one)"
             )
-        if synthetic is not None and "out" not in synthetic:
-            raise JTMLError(f"synthetic needs an 'out' folder, got {synthetic}")
         if batch_size < 1 or num_workers < 0:
             raise JTMLError(f"batch_size must be >= 1 and num_workers >= 0 (got {batch_size}, {num_workers})")
         if int(roi_size) < 16 or roi_margin < 0:
@@ -665,12 +652,7 @@ class FluoroPoseDataModule(IndexedRows, SplitLoaders, pl.LightningDataModule):
         if rotation_range < 0 or min(train_samples, val_samples, test_samples) < 1:
             raise JTMLError("rotation_range must be >= 0 and the sample counts >= 1")
         self.parts, self.input = list(parts), input
-        self.index, self.studies = index, [str(s) for s in studies or []]
-        self.synthetic = dict(synthetic) if synthetic else None
-        if self.synthetic and index is None:
-            out = Path(self.synthetic["out"])
-            if not any(Path(s).resolve() == out.resolve() for s in self.studies):
-                self.studies.append(str(out))
+        self._init_sources(index, studies, synthetic)
         self.render = bool(render)
         self.models = {str(k): str(v) for k, v in (models or {}).items()}
         self.image_size = int(image_size)
