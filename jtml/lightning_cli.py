@@ -2,9 +2,12 @@
 
 Every run gets its own directory ``<root>/<experiment>/<timestamp>-<id>/`` (root: the YAML's
 ``trainer.default_root_dir``, else ``runs``), holding ``config.yaml``, ``checkpoints/``, the
-W&B offline run and ``run.json`` (status, provenance, checkpoint and final metrics). A run
-that fails before writing a checkpoint leaves no directory behind; one that fails later is
-marked ``"status": "failed"``. Each command ends by printing one JSON line: the summary.
+W&B offline run, ``run.json`` (status, provenance, checkpoint and final metrics) and
+``data_files.sha256`` (the digest of every data file, for ``jtml reproduce``). Inputs are checked
+before W&B starts. A run that fails before writing a checkpoint leaves no directory behind; one
+that fails later is marked ``"status": "failed"`` (on any rank: the command then exits non-zero),
+one stopped with Ctrl-C ``"interrupted"``, with the command that resumes it. Each command ends by
+printing one JSON line: the summary.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import json
 import math
 import os
 import secrets
+import shlex
 import shutil
 import sys
 import time
@@ -26,22 +30,32 @@ import torch
 from jsonargparse import Namespace
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning_fabric.utilities.exceptions import MisconfigurationException
-from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
+from pytorch_lightning.callbacks import BasePredictionWriter, ModelCheckpoint
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.trainer.states import TrainerStatus
 
+from jtml.cli_links import add_links, check_checkpoint
 from jtml.errors import JTMLError
+from jtml.io import atomic_write
 from jtml.provenance import git_info, package_versions
 from jtml.runs import (
+    DATA_FILES,
     AtomicCheckpointIO,
     LastCheckpointEveryEpoch,
     checkpoint_class_path,
+    data_file_digests,
     data_fingerprint,
     latest_resumable_run,
     wandb_run_id,
+    write_data_digests,
 )
 
 RUN_RECORD = "run.json"
+# Data settings a trained model depends on: `validate/test/predict --ckpt_path` take them from the
+# checkpoint's DataModule unless the command line gives them (a contradiction is an error).
+MODEL_DATA_KEYS = ("parts", "input", "image_size", "resize_mode", "normalize", "mean", "std", "invert",
+                   "roi_size", "roi_margin")  # fmt: skip
 
 
 def _class_path(node: Any) -> str:
@@ -75,6 +89,11 @@ class RecordingSaveConfig(SaveConfigCallback):
 class JTMLCLI(LightningCLI):
     """LightningCLI over any jtml LightningModule/DataModule named by ``class_path`` in the YAML."""
 
+    _argv: list[str] = []
+    _record_argv: list[str] | None = None
+    _reproduces: str | None = None
+    last_run_dir: Path | None = None  # the run directory of the latest command (`jtml reproduce`)
+
     def __init__(self, args: list[str]) -> None:
         self.run_dir: Path | None = None
         self._resumed: Path | None = None  # `fit --ckpt_path last`: the run directory continued
@@ -91,6 +110,13 @@ class JTMLCLI(LightningCLI):
             auto_configure_optimizers=False,
         )
 
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        """No abbreviations: ``--trainer.max_epoch`` is an unknown key, not ``max_epochs``."""
+        return super().init_parser(**{"allow_abbrev": False, **kwargs})
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        add_links(parser)
+
     def parse_arguments(self, parser: Any, args: Any) -> None:
         super().parse_arguments(parser, args)
         cfg = self.config.get(str(self.config.get("subcommand")), self.config)
@@ -102,6 +128,10 @@ class JTMLCLI(LightningCLI):
             )
         # before LightningCLI reads the checkpoint's hyper-parameters into the model config
         self._resumed = self._resolve_ckpt_path(cfg, str(self.config.get("subcommand")), _experiment_dir(cfg))
+        # also before: LightningCLI re-parses the checkpoint's model hyper-parameters, re-running the
+        # data -> model links with whatever data settings the config holds by then
+        _follow_checkpoint_data(cfg, self._argv)
+        check_checkpoint(cfg)
 
     # -- run directory -------------------------------------------------------------------------
     def before_instantiate_classes(self) -> None:
@@ -111,7 +141,12 @@ class JTMLCLI(LightningCLI):
         resumed = self._resumed
         if resumed is not None:  # `fit --ckpt_path last`: continue that run, in its directory
             os.environ["JTML_RUN_DIR"] = str(resumed)
-        self.run_dir = _new_run_dir(_experiment_dir(cfg))
+        experiment_dir = _experiment_dir(cfg)
+        self._created = next(
+            (d for d in reversed([experiment_dir, *experiment_dir.parents]) if not d.exists()), None
+        )
+        self.run_dir = _new_run_dir(experiment_dir)
+        JTMLCLI.last_run_dir = self.run_dir
         _ACTIVE.append(self)
         cfg.trainer.default_root_dir = str(self.run_dir)
         loggers = cfg.trainer.get("logger")
@@ -170,6 +205,8 @@ class JTMLCLI(LightningCLI):
 
     # -- summaries -----------------------------------------------------------------------------
     def _wandb_run_dir(self) -> str | None:
+        if not self.trainer.is_global_zero:  # elsewhere `experiment` is Lightning's dummy
+            return None
         for logger in self.trainer.loggers:
             if isinstance(logger, WandbLogger):
                 return str(Path(logger.experiment.dir).parent.resolve())
@@ -193,27 +230,63 @@ class JTMLCLI(LightningCLI):
             "git": git_info(),
             "versions": package_versions(),
             "data_fingerprint": data_fingerprint(dm) if (dm := self.trainer.datamodule) else None,
-            "argv": ["jtml", *self._argv],
+            "argv": ["jtml", *(self._record_argv or self._argv)],
         }
+        if self._reproduces:
+            record["reproduces"] = self._reproduces
         if self.trainer.is_global_zero:
-            tmp = self.run_dir / f".{RUN_RECORD}.tmp"
-            tmp.write_text(json.dumps(record, indent=2) + "\n")
-            os.replace(tmp, self.run_dir / RUN_RECORD)
+            _write_json(self.run_dir / RUN_RECORD, record)
+            digests = data_file_digests(dm) if dm is not None else None
+            if digests and not (self.run_dir / DATA_FILES).is_file():
+                write_data_digests(digests, self.run_dir / DATA_FILES)
         return record
 
     def _finish(self, metrics: dict[str, Any] | None = None) -> None:
+        """Every rank reaches this point, then rank zero makes sure every other process exited
+        cleanly before it records ``finished`` and prints the summary."""
+        if self.trainer.world_size > 1:
+            self.trainer.strategy.barrier("jtml-finish")
+        if not self.trainer.is_global_zero:
+            return
+        failed = _failed_children(self.trainer)
+        if failed:
+            raise JTMLError(f"{failed}; the run is marked failed", self.run_dir)
         record = self.write_record("finished", metrics)
         if any(isinstance(lg, WandbLogger) for lg in self.trainer.loggers):
             import wandb
 
             wandb.finish()  # flush now, so the summary below is the last line of the output
-        if self.trainer.is_global_zero:
-            keys = ("run_dir", "checkpoint", "best_checkpoint", "wandb_run", "metrics")
-            print(json.dumps({k: record[k] for k in keys}), flush=True)
+        keys = ("run_dir", "checkpoint", "best_checkpoint", "wandb_run", "metrics")
+        print(json.dumps({k: record[k] for k in keys}), flush=True)
+
+    def _check_inputs(self, stage: str) -> None:
+        """Every input the stage reads, checked before W&B starts (Lightning starts the logger's
+        experiment before the DataModule's ``setup``): one error, nothing left behind."""
+        dm = self.datamodule
+        if dm is not None:
+            dm.prepare_data()
+            dm.setup(stage)
+            if stage == "fit" and hasattr(dm, "check_train_batches"):
+                dm.check_train_batches(self.trainer.num_devices * self.trainer.num_nodes)
+        if stage == "predict":
+            for cb in self.trainer.callbacks:
+                if isinstance(cb, BasePredictionWriter):  # e.g. refuses a non-empty output folder
+                    cb.setup(self.trainer, self.model, stage)
 
     def before_fit(self) -> None:
+        self._check_inputs("fit")
         if _is_rank_zero():  # a killed or pre-empted run is then recognisable (and reproducible)
             self.write_record("running", {})
+        self._started = True
+
+    def before_validate(self) -> None:
+        self._check_inputs("validate")
+
+    def before_test(self) -> None:
+        self._check_inputs("test")
+
+    def before_predict(self) -> None:
+        self._check_inputs("predict")
 
     def after_fit(self) -> None:
         self._finish()
@@ -244,6 +317,71 @@ def _predict_on_command_line_studies(cfg: Namespace, argv: list[str]) -> None:
             f"jtml: predicting on the given studies only (not the experiment's {', '.join(dropped)})",
             file=sys.stderr,
         )
+
+
+def _given(argv: list[str], key: str) -> bool:
+    """Whether ``--data.init_args.<key>`` (or ``--data.<key>``) is on the command line."""
+    names = (f"--data.init_args.{key}", f"--data.{key}")
+    return any(a.split("=", 1)[0] in names for a in argv)
+
+
+def _follow_checkpoint_data(cfg: Namespace, argv: list[str]) -> None:
+    """With ``--ckpt_path FILE``: the data settings the model was trained with (``MODEL_DATA_KEYS``,
+    from the checkpoint's DataModule hyper-parameters) replace the YAML's, so a checkpoint trained
+    at 128 px is not silently evaluated at 512; the same key given on the command line with
+    another value is an error."""
+    ckpt_path, data = cfg.get("ckpt_path"), cfg.get("data")
+    if not ckpt_path or not Path(str(ckpt_path)).is_file() or not _class_path(data):
+        return
+    import torch
+
+    ckpt = torch.load(str(ckpt_path), map_location="cpu", weights_only=False, mmap=True)
+    trained = ckpt.get("datamodule_hyper_parameters") if isinstance(ckpt, dict) else None
+    if not isinstance(trained, dict) or trained.get("_class_path", _class_path(data)) != _class_path(data):
+        return
+    args = data.init_args
+    for key in MODEL_DATA_KEYS:
+        if key not in trained or key not in args:
+            continue
+        was, now = trained[key], args[key]
+        if _same_value(was, now):
+            continue
+        if _given(argv, key):
+            raise JTMLError(
+                f"--data.init_args.{key} {now!r} contradicts the checkpoint's {key} {was!r} (the model "
+                "was trained with it); leave it out to use the checkpoint's",
+                ckpt_path,
+            )
+        print(f"jtml: data {key} {was!r} from the checkpoint (the config says {now!r})", file=sys.stderr)
+        args[key] = list(was) if isinstance(was, (list, tuple)) else was
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return list(a) == list(b)
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return float(a) == float(b)
+    return a == b
+
+
+def _failed_children(trainer: pl.Trainer, timeout: float = 300.0) -> str | None:
+    """Wait for the ranks this process launched (Lightning's subprocess launcher) and describe any
+    that exited non-zero. Under SLURM/torchrun the ranks are the scheduler's, which reports them."""
+    procs = list(getattr(trainer.strategy.launcher, "procs", None) or [])
+    bad = []
+    for rank, proc in enumerate(procs, start=1):
+        try:
+            code = proc.wait(timeout=timeout)
+        except Exception:  # noqa: BLE001 - a rank that does not exit is a failure too
+            code = "no exit"
+        if code != 0:
+            bad.append(f"rank {rank} exited with {code}")
+    return ", ".join(bad) or None
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def _experiment_dir(cfg: Namespace) -> Path:
@@ -277,28 +415,70 @@ def _new_run_dir(parent: Path) -> Path:
 _ACTIVE: list[JTMLCLI] = []
 
 
-def _abandon_runs() -> None:
-    """After a failure: remove a run directory with no checkpoint, else mark it failed."""
-    if not _is_rank_zero():
-        return
+def _abandon_runs(status: str = "failed") -> None:
+    """After a failure: remove a run directory with no checkpoint, else mark it ``status``.
+
+    On a rank other than zero only the mark is written (rank zero may be killed by Lightning's
+    process observer as a consequence, with no chance to write it). ``interrupted`` (Ctrl-C) also
+    prints the command that resumes the run, as the last line on stderr.
+    """
+    with contextlib.suppress(Exception):  # stop W&B writing into a folder about to be removed
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish(exit_code=1, quiet=True)
     for cli in _ACTIVE:
         run_dir = cli.run_dir
         if run_dir is None or not run_dir.exists():
             continue
+        last = run_dir / "checkpoints" / "last.ckpt"
         if not any(run_dir.rglob("*.ckpt")):
-            shutil.rmtree(run_dir, ignore_errors=True)
-            with contextlib.suppress(OSError):
-                run_dir.parent.rmdir()  # <root>/<experiment>, if this run was all it held
-        else:  # keep what the record holds (argv, config, provenance): the run stays reproducible
-            try:
-                record = json.loads((run_dir / RUN_RECORD).read_text())
-            except (OSError, ValueError):
-                record = {"run_dir": str(run_dir)}
-            record["status"] = "failed"
-            tmp = run_dir / f".{RUN_RECORD}.tmp"
-            tmp.write_text(json.dumps(record, indent=2) + "\n")
-            os.replace(tmp, run_dir / RUN_RECORD)
+            if _is_rank_zero():
+                shutil.rmtree(run_dir, ignore_errors=True)
+                created = getattr(cli, "_created", None)  # folders this run made: <root>/<experiment>
+                for folder in run_dir.parents if created is not None else ():
+                    with contextlib.suppress(OSError):
+                        folder.rmdir()  # only when empty: other runs stay
+                    if folder == created:
+                        break
+            continue
+        if not _is_rank_zero() and not (run_dir / RUN_RECORD).is_file():
+            continue  # rank zero has not recorded this run (or removed it): nothing to mark
+        if cli._resumed is not None and not getattr(cli, "_started", False):
+            continue  # a resume refused before it began: the run's own record stays as it was
+        # keep what the record holds (argv, config, provenance): the run stays reproducible
+        try:
+            record = json.loads((run_dir / RUN_RECORD).read_text())
+        except (OSError, ValueError):
+            record = {"run_dir": str(run_dir.resolve())}
+        record["status"] = status
+        record["seconds"] = round(time.time() - cli.started, 1)
+        record["checkpoint"] = str(last) if last.is_file() else record.get("checkpoint")
+        _write_json(run_dir / RUN_RECORD, record)
+        if status == "interrupted" and last.is_file() and cli.subcommand == "fit" and _is_rank_zero():
+            print(f"resume with: {_resume_command(cli._argv)}", file=sys.stderr, flush=True)
     _ACTIVE.clear()
+
+
+def _resume_command(argv: list[str]) -> str:
+    """The interrupted command line with ``--ckpt_path last`` (replacing any ``--ckpt_path``)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg == "--ckpt_path":
+            skip = True
+            continue
+        if not arg.startswith("--ckpt_path="):
+            out.append(arg)
+    return shlex.join(["jtml", *out, "--ckpt_path", "last"])
+
+
+def _interrupted() -> bool:
+    """Lightning turns Ctrl-C into ``sys.exit(1)`` after marking the trainer INTERRUPTED."""
+    trainer = _ACTIVE[-1].trainer if _ACTIVE and hasattr(_ACTIVE[-1], "trainer") else None
+    return trainer is not None and trainer.state.status == TrainerStatus.INTERRUPTED
 
 
 def _find_jtml_error(exc: BaseException | None) -> JTMLError | None:
@@ -311,16 +491,27 @@ def _find_jtml_error(exc: BaseException | None) -> JTMLError | None:
     return None
 
 
-def run_lightning(subcommand: str, args: list[str]) -> int:
+def run_lightning(
+    subcommand: str, args: list[str], record_argv: list[str] | None = None, reproduces: str | None = None
+) -> int:
     """Run one Lightning sub-command; clean up or mark the run directory if it fails."""
     JTMLCLI._argv = [subcommand, *args]  # recorded in run.json for `jtml reproduce`
+    JTMLCLI._record_argv = record_argv  # what to record instead (a reproduction: `reproduce RUN`)
+    JTMLCLI._reproduces = reproduces
+    JTMLCLI.last_run_dir = None
     _ACTIVE.clear()
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     try:
         JTMLCLI([subcommand, *args])
     except SystemExit as e:  # jsonargparse printed its usage error already (it names the key)
+        if _interrupted():
+            _abandon_runs("interrupted")
+            return 130  # the shell's code for a command stopped by SIGINT
         _abandon_runs()
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    except KeyboardInterrupt:
+        _abandon_runs("interrupted")
+        return 130
     except MisconfigurationException as e:  # e.g. more devices than this machine has
         _abandon_runs()
         raise JTMLError(f"trainer configuration cannot run here: {e}") from None

@@ -21,6 +21,7 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import Checkpoint, ModelCheckpoint
 
 from jtml.errors import JTMLError
+from jtml.io import atomic_write
 
 RUN_RECORD = "run.json"
 CONFIG = "config.yaml"
@@ -39,6 +40,20 @@ class RunInfo:
     @property
     def status(self) -> str:
         return str(self.record.get("status", "unknown"))
+
+    @property
+    def experiment(self) -> str:
+        """The experiment's name: ``<root>/<experiment>/<run>`` (the last ``--config``'s stem)."""
+        return self.run_dir.parent.name
+
+    @property
+    def command(self) -> str:
+        """``fit``, ``validate``, ``test`` or ``predict``: from run.json, else its recorded argv."""
+        command = self.record.get("command")
+        argv = self.record.get("argv") or []
+        if not command and len(argv) > 1 and argv[1] in ("fit", "validate", "test", "predict"):
+            command = argv[1]
+        return str(command or "unknown")
 
     def series(self, key: str) -> list[tuple[int, float]]:
         out = []
@@ -197,11 +212,14 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def data_fingerprint(datamodule: Any) -> dict[str, Any] | None:
-    """sha256 over the index CSV (if any) and the bytes of every frame, mask and calibration the
-    datamodule lists (``datamodule.rows``), in row order. Paths are not hashed, so the same data
-    in another folder has the same fingerprint. Cached on the datamodule."""
-    cached = getattr(datamodule, "_jtml_fingerprint", None)
+DATA_FILES = "data_files.sha256"  # per-file digests of a run's data, in `sha256sum` format
+
+
+def data_file_digests(datamodule: Any) -> list[tuple[str, str]] | None:
+    """``(sha256, path)`` of the index CSV (if any) and of every frame, calibration and mask the
+    datamodule lists (``datamodule.rows``), in row order (``"-"`` for a listed file that is gone).
+    Cached on the datamodule."""
+    cached = getattr(datamodule, "_jtml_digests", None)
     if cached is not None:
         return cached
     rows = getattr(datamodule, "rows", None)
@@ -212,23 +230,68 @@ def data_fingerprint(datamodule: Any) -> dict[str, Any] | None:
             rows = None
     if not rows:
         return None
-    total = hashlib.sha256()
+    out: list[tuple[str, str]] = []
     index = getattr(datamodule, "index", None)
-    index_sha = _file_sha256(Path(index)) if index and Path(index).is_file() else None
-    total.update((index_sha or "").encode())
-    n_files = 0
+    if index and Path(index).is_file():
+        out.append((_file_sha256(Path(index)), str(index)))
     for row in rows:
-        files = [row.image, row.calibration, *(row.masks[k] for k in sorted(row.masks))]
-        for path in files:
-            digest = _file_sha256(Path(path)) if path is not None and Path(path).is_file() else "-"
-            total.update(digest.encode())
-            n_files += path is not None
-    out = {"sha256": total.hexdigest(), "index_sha256": index_sha, "frames": len(rows), "files": n_files}
+        for path in [row.image, row.calibration, *(row.masks[k] for k in sorted(row.masks))]:
+            if path is not None:
+                out.append((_file_sha256(Path(path)) if Path(path).is_file() else "-", str(path)))
     try:
-        datamodule._jtml_fingerprint = out
+        datamodule._jtml_digests = out
     except AttributeError:
         pass
     return out
+
+
+def data_fingerprint(datamodule: Any) -> dict[str, Any] | None:
+    """sha256 over the digests of :func:`data_file_digests`, in order. Paths are not hashed, so the
+    same data in another folder has the same fingerprint."""
+    digests = data_file_digests(datamodule)
+    if not digests:
+        return None
+    index = getattr(datamodule, "index", None)
+    index_sha = digests[0][0] if index and Path(index).is_file() else None
+    files = digests[1:] if index_sha else digests
+    total = hashlib.sha256((index_sha or "").encode())
+    rows = datamodule.rows
+    listed = iter(files)
+    for row in rows:  # "-" for a file the row does not list, as before: old fingerprints stay comparable
+        for path in [row.image, row.calibration, *(row.masks[k] for k in sorted(row.masks))]:
+            total.update((next(listed)[0] if path is not None else "-").encode())
+    return {"sha256": total.hexdigest(), "index_sha256": index_sha, "frames": len(rows), "files": len(files)}
+
+
+def write_data_digests(digests: list[tuple[str, str]], path: Path) -> None:
+    with atomic_write(path) as tmp:
+        tmp.write_text("".join(f"{d}  {p}\n" for d, p in digests))
+
+
+def read_data_digests(path: Path) -> list[str] | None:
+    """The digests of a ``data_files.sha256`` file, in order (None when it does not exist)."""
+    if not path.is_file():
+        return None
+    return [ln.split("  ", 1)[0] for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def compare_data(original: Path, new: Path) -> str:
+    """``same`` or ``DIFFERENT (n files changed)`` between two run directories' data."""
+    a, b = read_data_digests(original / DATA_FILES), read_data_digests(new / DATA_FILES)
+    if a is None or b is None:
+        ra, rb = (_record_fingerprint(d) for d in (original, new))
+        if ra is None or rb is None:
+            return "unknown (not recorded)"
+        return "same" if ra == rb else "DIFFERENT (per-file digests not recorded)"
+    changed = sum(x != y for x, y in zip(a, b, strict=False)) + abs(len(a) - len(b))
+    return "same" if changed == 0 else f"DIFFERENT ({changed} file{'s' * (changed != 1)} changed)"
+
+
+def _record_fingerprint(run_dir: Path) -> str | None:
+    try:
+        return (json.loads((run_dir / RUN_RECORD).read_text()).get("data_fingerprint") or {}).get("sha256")
+    except (OSError, ValueError):
+        return None
 
 
 # -- atomic checkpoints ---------------------------------------------------------------------------

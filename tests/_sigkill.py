@@ -22,3 +22,14 @@ class SigkillAt(pl.Callback):
     ) -> None:
         if trainer.current_epoch == self.epoch and batch_idx == self.batch:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class RaiseOnRank(pl.Callback):
+    """Raise on one DDP rank at the start of epoch ``epoch``: a failure on a rank other than zero."""
+
+    def __init__(self, rank: int = 1, epoch: int = 1) -> None:
+        self.rank, self.epoch = rank, epoch
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_rank == self.rank and trainer.current_epoch == self.epoch:
+            raise RuntimeError(f"injected failure on rank {self.rank}")

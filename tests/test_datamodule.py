@@ -13,7 +13,7 @@ import torch
 
 from jtml.data.datamodule import FluoroSegDataModule
 from jtml.data.datasets import FluoroSegDataset
-from jtml.data.index import build_index, read_index, write_index
+from jtml.data.index import build_index, write_index
 from jtml.errors import JTMLError
 from jtml.io import Calibration, write_calibration, write_image, write_mask
 
@@ -292,12 +292,21 @@ def test_synthetic_study_is_generated_once_in_prepare_data(tmp_path, monkeypatch
     dm.setup("fit")
     assert len(calls) == 1 and calls[0][1:] == (5, 1, 64)
     assert len(dm.rows) == 5 and {r.split for r in dm.rows} == {"train", "val", "test"}  # by frame
-    # with an index: the missing CSV is written over the generated study (setup without prepare_data)
+    # an index the user names is their data: a missing one is an error naming it, nothing is
+    # generated or written (829f297 wrote it over a new synthetic study and trained on that)
     index = tmp_path / "idx" / "index.csv"
     synthetic2 = {"out": str(tmp_path / "synthetic" / "demo2"), "frames": 4, "seed": 2, "size": 64}
+    with pytest.raises(JTMLError, match="index CSV not found") as e:
+        FluoroSegDataModule(index=str(index), synthetic=synthetic2, **dm_kwargs()).setup("fit")
+    assert str(index) in str(e.value)
+    assert not index.exists() and not index.parent.exists() and len(calls) == 1
+    # an existing index wins over the YAML's synthetic study, which is neither used nor generated
+    write_index(index, dm.rows)
     dm2 = FluoroSegDataModule(index=str(index), synthetic=synthetic2, **dm_kwargs())
+    dm2.prepare_data()
     dm2.setup("fit")
-    assert index.is_file() and len(read_index(index)) == 4 and len(calls) == 2
+    assert dm2.studies == [] and len(dm2.rows) == 5 and len(calls) == 1
+    assert not Path(synthetic2["out"]).exists()
     with pytest.raises(JTMLError, match="synthetic: "):
         FluoroSegDataModule(synthetic={"out": str(tmp_path / "x"), "frame": 3}, **dm_kwargs()).prepare_data()
 

@@ -4,7 +4,10 @@ The recorded ``config.yaml`` (the fully resolved config, command-line overrides 
 the ``--config``, and the sub-command comes from ``run.json``'s ``argv``. Run-specific paths
 (the run directory, checkpoint folder, logger folders, W&B id) are cleared so the new run gets
 its own; a ``fit`` starts from scratch (no ``ckpt_path``), a ``validate``/``test`` uses the
-recorded checkpoint. The data fingerprint is compared with the original's afterwards.
+recorded checkpoint. The reproduction writes only inside its own run directory (the original
+stays byte-identical), records ``jtml reproduce RUN_DIR`` as its command line and ``reproduces``,
+and ends by saying whether the data still match the original's: ``data fingerprint: same`` or
+``DIFFERENT (n files changed)`` (per-file digests from each run's ``data_files.sha256``).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Any
 import yaml
 
 from jtml.errors import JTMLError
-from jtml.runs import CONFIG, RUN_RECORD
+from jtml.runs import CONFIG, RUN_RECORD, compare_data
 
 LIGHTNING = ("fit", "validate", "test", "predict")
 
@@ -41,11 +44,18 @@ def _scrub(config: dict[str, Any], run_dir: Path, subcommand: str) -> dict[str, 
                     init[key] = None
     for node in trainer.get("callbacks") or []:
         init = node.get("init_args") if isinstance(node, dict) else None
-        if isinstance(init, dict) and str(init.get("dirpath") or "").startswith(str(run_dir)):
-            init["dirpath"] = None
+        for key in ("dirpath", "out_dir", "output_dir"):  # checkpoints, predictions: the new run's own
+            value = init.get(key) if isinstance(init, dict) else None
+            if value and _inside(Path(str(value)), run_dir):
+                init[key] = None
     if subcommand == "fit":
         config["ckpt_path"] = None
     return config
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether ``path`` (relative: to the working directory, as the run saw it) lies in ``folder``."""
+    return path.resolve() == folder or folder in path.resolve().parents
 
 
 def command_line(run_dir: Path, config_file: Path) -> list[str]:
@@ -64,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         if not (run_dir / name).is_file():
             raise JTMLError(f"cannot reproduce: no {name}", run_dir / name)
     try:
-        record = json.loads((run_dir / RUN_RECORD).read_text())
+        json.loads((run_dir / RUN_RECORD).read_text())  # readable, or one error
         config = yaml.safe_load((run_dir / CONFIG).read_text()) or {}
     except (json.JSONDecodeError, yaml.YAMLError) as e:
         raise JTMLError(f"unreadable: {e}", run_dir) from None
@@ -76,9 +86,15 @@ def run(args: argparse.Namespace) -> int:
         config_file = Path(tmp) / f"{run_dir.parent.name}.yaml"
         argv = command_line(run_dir, config_file)
         config_file.write_text(yaml.safe_dump(_scrub(config, run_dir, argv[0]), sort_keys=False))
-        from jtml.lightning_cli import run_lightning
+        from jtml.lightning_cli import JTMLCLI, run_lightning
 
-        code = run_lightning(argv[0], [*argv[1:], *extra])
-    if record.get("data_fingerprint"):
-        print(f"jtml: original data fingerprint {record['data_fingerprint'].get('sha256')}", file=sys.stderr)
+        code = run_lightning(
+            argv[0],
+            [*argv[1:], *extra],
+            record_argv=["reproduce", str(run_dir), *extra],
+            reproduces=str(run_dir),
+        )
+    new = JTMLCLI.last_run_dir
+    if new is not None and new.is_dir():
+        print(f"data fingerprint: {compare_data(run_dir, new)}", file=sys.stderr)
     return code

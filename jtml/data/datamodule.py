@@ -5,13 +5,12 @@ split like ``jtml index``: by study, or by frame when there is a single study). 
 (e.g. ``{out: data/synthetic/demo, frames: 48, seed: 1, size: 256}``, the arguments of
 :func:`jtml.data.synth.generate_study`) generates a study into ``out`` in ``prepare_data`` when
 ``out`` holds no frames yet; ``out`` is then one of the studies (alone, or appended to
-``studies``). With ``index`` instead, a missing index CSV is written over that study.
+``studies``). Given an ``index`` (which must exist), ``synthetic`` is not used.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 from typing import Any, Literal
 
 import pytorch_lightning as pl
@@ -73,12 +72,8 @@ class FluoroSegDataModule(IndexedRows, SplitLoaders, pl.LightningDataModule):
         for a single study. ``persistent_workers`` only applies with ``num_workers > 0``."""
         super().__init__()
         self.save_hyperparameters()
-        if index is not None and studies:
-            raise JTMLError("give either an index CSV or study folders, not both")
         if index is None and not studies and not synthetic:
             raise JTMLError("no data: give an index CSV, study folders or a synthetic study")
-        if synthetic is not None and "out" not in synthetic:
-            raise JTMLError(f"synthetic needs an 'out' folder, got {synthetic}")
         if not parts or len(set(parts)) != len(parts):
             raise JTMLError(f"parts must be distinct and non-empty, got {parts}")
         if batch_size < 1 or num_workers < 0:
@@ -90,13 +85,7 @@ class FluoroSegDataModule(IndexedRows, SplitLoaders, pl.LightningDataModule):
             )
         if predict_split not in (*SPLITS, "all"):
             raise JTMLError(f"predict_split must be one of {(*SPLITS, 'all')}, got {predict_split!r}")
-        self.index = index
-        self.studies = [str(s) for s in studies or []]
-        self.synthetic = dict(synthetic) if synthetic else None
-        if self.synthetic and index is None:
-            out = Path(self.synthetic["out"])
-            if not any(Path(s).resolve() == out.resolve() for s in self.studies):
-                self.studies.append(str(out))
+        self._init_sources(index, studies, synthetic)
         self.parts = list(parts)
         self.image_size = int(image_size)
         self.resize_mode = resize_mode

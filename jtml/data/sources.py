@@ -1,13 +1,19 @@
 """Where a DataModule's frames come from: an index CSV, study folders, or a synthetic study
-generated on first use — resolved to :class:`~jtml.data.index.IndexRow`\\ s, one per frame."""
+generated on first use — resolved to :class:`~jtml.data.index.IndexRow`\\ s, one per frame.
+
+An index the user names must exist: it is their data, so it is never generated or written
+here (a typo in its path is an error, not a new synthetic study). Given an index, the
+experiment's ``synthetic`` study is not used; generating one is announced on stderr.
+"""
 
 from __future__ import annotations
 
 import inspect
+import sys
 from pathlib import Path
 from typing import Any
 
-from jtml.data.index import IndexRow, build_index, read_index, write_index
+from jtml.data.index import IndexRow, build_index, read_index
 from jtml.errors import JTMLError
 from jtml.io import list_images
 
@@ -29,6 +35,28 @@ class IndexedRows:
     split_seed: int
     rows: list[IndexRow] | None
 
+    def _init_sources(self, index: str | None, studies: list[str] | None, synthetic: dict | None) -> None:
+        """Set ``index``, ``studies`` and ``synthetic`` (its ``out`` folder becomes one of the studies)."""
+        if index is not None and studies:
+            raise JTMLError("give either an index CSV or study folders, not both")
+        if synthetic is not None and "out" not in synthetic:
+            raise JTMLError(f"synthetic needs an 'out' folder, got {synthetic}")
+        if index is not None and not Path(index).is_file():
+            raise JTMLError("index CSV not found (write one with `jtml index`)", index)
+        if index is not None and synthetic:
+            print(
+                f"jtml: reading the index {index}; the experiment's synthetic study is not used",
+                file=sys.stderr,
+            )
+            synthetic = None
+        self.index = None if index is None else str(index)
+        self.studies = [str(s) for s in studies or []]
+        self.synthetic = dict(synthetic) if synthetic else None
+        if self.synthetic:
+            out = Path(self.synthetic["out"])
+            if not any(Path(s).resolve() == out.resolve() for s in self.studies):
+                self.studies.append(str(out))
+
     def _split_by(self, studies: list[str]) -> str:
         return self.split_by or ("study" if len(studies) > 1 else "frame")
 
@@ -44,7 +72,7 @@ class IndexedRows:
         return not out.is_dir() or not list_images(out)
 
     def prepare_data(self) -> None:
-        """Generate the synthetic study (and a missing index over it) on first use; rank 0 only."""
+        """Generate the synthetic study on first use; rank 0 only."""
         if self._synthetic_missing():
             from jtml.data.synth import generate_study  # lazy: synth is optional for real data
 
@@ -53,15 +81,14 @@ class IndexedRows:
                 inspect.signature(generate_study).bind(Path(self.synthetic["out"]), **kwargs)
             except TypeError as e:
                 raise JTMLError(f"synthetic: {e} (arguments of generate_study: {kwargs})") from None
+            print(
+                f"jtml: generating the synthetic study {self.synthetic['out']} (first use)", file=sys.stderr
+            )
             generate_study(Path(self.synthetic["out"]), **kwargs)
-        if self.synthetic and self.index is not None and not Path(self.index).is_file():
-            write_index(self.index, self._build_rows([str(self.synthetic["out"])]))
 
     def _load_rows(self) -> list[IndexRow]:
         if self.rows is None:
-            if self._synthetic_missing() or (
-                self.synthetic and self.index is not None and not Path(self.index).is_file()
-            ):
+            if self._synthetic_missing():
                 self.prepare_data()  # setup without a Trainer (scripts, notebooks)
             if self.index is not None:
                 rows = read_index(self.index, self.parts)
