@@ -25,11 +25,16 @@ class SigkillAt(pl.Callback):
 
 
 class RaiseOnRank(pl.Callback):
-    """Raise on one DDP rank at the start of epoch ``epoch``: a failure on a rank other than zero."""
+    """Raise on one DDP rank: at the start of epoch ``epoch``, or (``epoch=None``) when fit ends,
+    after training (where 829f297's rank 1 crashed while rank 0 reported success)."""
 
-    def __init__(self, rank: int = 1, epoch: int = 1) -> None:
+    def __init__(self, rank: int = 1, epoch: int | None = 1) -> None:
         self.rank, self.epoch = rank, epoch
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.global_rank == self.rank and trainer.current_epoch == self.epoch:
+            raise RuntimeError(f"injected failure on rank {self.rank}")
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_rank == self.rank and self.epoch is None:
             raise RuntimeError(f"injected failure on rank {self.rank}")

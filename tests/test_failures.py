@@ -289,12 +289,15 @@ def test_ddp_fit_on_47_frames_with_plain_ddp_trains_and_validates_alike_on_1_and
     assert metrics[1]["val/dice_mean"] > 0
 
 
-def test_a_failure_on_rank_1_fails_the_command_and_the_run(ddp47):
+@pytest.mark.parametrize("epoch", [1, None], ids=["in-training", "after-training"])
+def test_a_failure_on_rank_1_fails_the_command_and_the_run(ddp47, epoch):
+    """find_unused_parameters, so that only the injected failure can fail these runs."""
     tmp, args, _ = ddp47
-    failing = json.dumps({"class_path": "_sigkill.RaiseOnRank", "init_args": {"rank": 1, "epoch": 1}})
-    root = tmp / "failing"
-    args = [*args, "--trainer.default_root_dir", str(root), "--trainer.max_epochs", "3"]
-    proc = _jtml("fit", "--config", str(DEMO), *args, *_ddp(2), f"--trainer.callbacks+={failing}")
+    failing = json.dumps({"class_path": "_sigkill.RaiseOnRank", "init_args": {"rank": 1, "epoch": epoch}})
+    root = tmp / f"failing-{epoch}"
+    args = [*args, "--trainer.default_root_dir", str(root), "--trainer.max_epochs", "2"]
+    ddp = [*_ddp(2)[:-1], "ddp_find_unused_parameters_true"]
+    proc = _jtml("fit", "--config", str(DEMO), *args, *ddp, f"--trainer.callbacks+={failing}")
     assert proc.returncode != 0
     assert "injected failure on rank 1" in proc.stderr
     (run_dir,) = (root / "demo_seg").iterdir()
