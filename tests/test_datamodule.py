@@ -361,3 +361,50 @@ def test_real_kneel1(kneel1):
         small = label.reshape(256, 4, 256, 4).mean(axis=(1, 3)) >= 0.5
         assert small.sum() > 500
         assert torch.equal(s["mask"][channel], torch.from_numpy(small).float())
+
+
+def test_studies_split_that_misses_the_request_is_announced(tmp_path, capsys):
+    """3 studies asked 0.2/0.1 become thirds: said on stderr (once), as `jtml index` says it."""
+    studies = [str(make_study(tmp_path, f"s{i}", frames=2)) for i in range(3)]
+    dm = FluoroSegDataModule(studies=studies, **dm_kwargs(val_fraction=0.2, test_fraction=0.1))
+    dm.setup("fit")
+    dm.setup("fit")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "warning: the split differs from the one asked for" in err[0]
+    assert "train 33.3% (asked 70%)" in err[0]
+    five = [str(make_study(tmp_path, f"t{i}", frames=2)) for i in range(10)]
+    FluoroSegDataModule(studies=five, **dm_kwargs(val_fraction=0.2, test_fraction=0.1)).setup("fit")
+    assert capsys.readouterr().err == ""
+
+
+class _AtEpoch:
+    """What a DataModule sees of its Trainer when it builds a loader: the current epoch."""
+
+    def __init__(self, epoch: int) -> None:
+        self.current_epoch = epoch
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_epoch_batches_depend_on_seed_and_epoch_only(tmp_path, monkeypatch, workers):
+    """Epoch 1's training batches (order, augmentation, random crop) from a loader that went through
+    epoch 0 equal those of a loader built fresh at epoch 1, as after a resume; epochs differ."""
+    monkeypatch.setenv("PL_GLOBAL_SEED", "7")
+    study = make_study(tmp_path, "s", frames=8, size=80)
+    kw = dm_kwargs(train_transforms="lab", resize_mode="crop", val_fraction=0.25, test_fraction=0.0)
+    kw.update(num_workers=workers, persistent_workers=False)
+
+    def epochs(start: int, n: int) -> list[list[torch.Tensor]]:
+        dm = FluoroSegDataModule(studies=[str(study)], **kw)
+        dm.setup("fit")
+        dm.trainer = _AtEpoch(start)
+        loader, out = dm.train_dataloader(), []
+        for epoch in range(start, start + n):
+            loader.sampler.set_epoch(epoch)  # as Lightning's fit loop does
+            out.append([torch.cat([b["image"], b["mask"]], 1) for b in loader])
+        return out
+
+    straight, resumed = epochs(0, 2), epochs(1, 1)
+    assert len(straight[1]) == 3 and all(
+        torch.equal(a, b) for a, b in zip(straight[1], resumed[0], strict=True)
+    )
+    assert not torch.equal(straight[0][0], straight[1][0])

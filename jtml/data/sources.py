@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from jtml.data.index import IndexRow, build_index, read_index
+from jtml.data.index import IndexRow, build_index, read_index, summarize_split
 from jtml.errors import JTMLError
 from jtml.io import list_images
 
@@ -61,9 +61,13 @@ class IndexedRows:
         return self.split_by or ("study" if len(studies) > 1 else "frame")
 
     def _build_rows(self, studies: list[str]) -> list[IndexRow]:
-        return build_index(
-            studies, self.val_fraction, self.test_fraction, self.split_seed, self._split_by(studies)
-        )
+        """Split like ``jtml index``, warning on stderr (once) when the split misses the request."""
+        split_by = self._split_by(studies)
+        rows = build_index(studies, self.val_fraction, self.test_fraction, self.split_seed, split_by)
+        warning = summarize_split(rows, self.val_fraction, self.test_fraction, split_by).warning()
+        if warning and self.rows is None:
+            print(f"jtml: {self.source}: {warning}", file=sys.stderr)
+        return rows
 
     def _synthetic_missing(self) -> bool:
         if not self.synthetic:
