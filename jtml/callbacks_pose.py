@@ -1,4 +1,4 @@
-"""Write predicted poses as JointTrack pose files: ``<output_dir>/<study>/<part>.jts``.
+"""Write predicted poses as JointTrack pose files: ``<out_dir>/<study>/<part>.jts``.
 
 One row per frame of the study, in file-name order (the order JointTrack pairs rows with frames),
 written with :func:`jtml.io.write_poses`. A frame without a pose (an empty mask: no silhouette to
@@ -23,9 +23,9 @@ from typing import Any, Literal
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import BasePredictionWriter
 from pytorch_lightning.utilities import rank_zero_info
 
+from jtml.callbacks_predict import PredictionFolderWriter
 from jtml.geometry import euler312_to_matrix, matrix_to_euler312, symmetric_twin
 from jtml.io import write_poses
 
@@ -95,11 +95,13 @@ class CPUThreads(pl.Callback):
             self._previous = None
 
 
-class PosePredictionWriter(BasePredictionWriter):
+class PosePredictionWriter(PredictionFolderWriter):
     """Collects :meth:`PoseModule.predict_step` outputs and writes one pose file per study and part.
 
-    ``output_dir``: default ``<run dir>/predictions`` (the trainer's ``default_root_dir``, which
-    ``jtml predict`` sets to the run's directory). ``trap_rule``: ``varus_valgus`` resolves the
+    ``out_dir``, ``overwrite``: as every prediction writer
+    (:class:`jtml.callbacks_predict.PredictionFolderWriter`): default ``<run dir>/predictions``
+    (the trainer's ``default_root_dir``, which ``jtml predict`` sets to the run's directory); a
+    non-empty folder is refused unless ``overwrite``. ``trap_rule``: ``varus_valgus`` resolves the
     tibia's symmetric twin as JointTrack does (module docstring; ``femur``/``tibia`` name the parts),
     ``none`` writes the network's poses as they are. Under DDP every rank's rows are gathered and
     rank zero writes. ``written`` lists the files of the last predict run.
@@ -107,21 +109,21 @@ class PosePredictionWriter(BasePredictionWriter):
 
     def __init__(
         self,
-        output_dir: str | None = None,
+        out_dir: str | None = None,
+        overwrite: bool = False,
         trap_rule: Literal["varus_valgus", "none"] = "varus_valgus",
         femur: str = "fem",
         tibia: str = "tib",
     ) -> None:
-        super().__init__(write_interval="batch")
+        super().__init__(out_dir=out_dir, overwrite=overwrite, write_interval="batch")
         if trap_rule not in ("varus_valgus", "none"):
             raise ValueError(f"trap_rule must be varus_valgus or none, got {trap_rule!r}")
-        self.output_dir = output_dir
         self.trap_rule, self.femur, self.tibia = trap_rule, femur, tibia
         self.written: list[Path] = []
         self._rows: list[tuple[str, str, int, int, np.ndarray]] = []
 
-    def on_predict_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._rows = []
+    def reset(self) -> None:
+        self.written, self._rows = [], []
 
     def write_on_batch_end(
         self,
@@ -146,6 +148,7 @@ class PosePredictionWriter(BasePredictionWriter):
             )
 
     def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        out = self._output_root(trainer, pl_module)
         rows = self._rows
         if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             gathered: list[Any] = [None] * trainer.world_size
@@ -153,7 +156,6 @@ class PosePredictionWriter(BasePredictionWriter):
             rows = [r for part in gathered for r in part]
         if not trainer.is_global_zero:
             return
-        out = Path(self.output_dir or Path(trainer.default_root_dir) / "predictions")
         tables: dict[tuple[str, str], np.ndarray] = {}
         for study, part, pos, n, pose in rows:
             table = tables.setdefault((study, part), np.full((n, 6), np.nan))
@@ -168,10 +170,9 @@ class PosePredictionWriter(BasePredictionWriter):
                 write_poses(path, tib)
                 self.written.append(path)
                 tables[(study, self.tibia)], flipped = resolve_tibia_twin(fem, tib)
-                print(
+                self._say(
                     f"{study}: replaced {int(flipped.sum())} of {len(tib)} {self.tibia} pose(s) by their "
-                    f"symmetric twin (smaller varus-valgus angle to the {self.femur}); network poses: {path}",
-                    flush=True,
+                    f"symmetric twin (smaller varus-valgus angle to the {self.femur}); network poses: {path}"
                 )
         for (study, part), table in sorted(tables.items()):
             missing = np.isnan(table).any(axis=1)
@@ -179,4 +180,4 @@ class PosePredictionWriter(BasePredictionWriter):
             write_poses(path, table)
             self.written.append(path)
             note = f" ({int(missing.sum())} frame(s) without a pose: NOT_OPTIMIZED)" if missing.any() else ""
-            print(f"wrote {path} ({len(table)} {part} pose(s) of {study}){note}", flush=True)
+            self._say(f"wrote {path} ({len(table)} {part} pose(s) of {study}){note}")

@@ -31,6 +31,10 @@ When the predicted frames come from more than one study, each study gets its own
 is refused (one ``error:`` line naming it, exit 2) before anything is predicted, unless
 ``overwrite``. Non-image files in a study folder are ignored (see :func:`jtml.io.list_images`); an
 unreadable frame stops the run with one ``error:`` line naming the file (the dataset's JTMLError).
+
+:class:`PredictionFolderWriter` is the contract this writer shares with
+:class:`jtml.callbacks_pose.PosePredictionWriter`: ``out_dir`` and ``overwrite`` as above, and its
+messages go to stderr, so that ``jtml predict``'s stdout is the JSON summary alone.
 """
 
 from __future__ import annotations
@@ -46,11 +50,18 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from pytorch_lightning.callbacks import BasePredictionWriter
+from pytorch_lightning.utilities import rank_zero_only
 
 from jtml.errors import JTMLError
 from jtml.io import read_image, write_image, write_mask
 
-__all__ = ["PART_COLOURS", "SegmentationPredictionWriter", "masks_to_frame", "overlay"]
+__all__ = [
+    "PART_COLOURS",
+    "PredictionFolderWriter",
+    "SegmentationPredictionWriter",
+    "masks_to_frame",
+    "overlay",
+]
 
 # BGR: fem red, tib green, then blue, yellow, magenta, cyan.
 PART_COLOURS = ((40, 40, 230), (40, 200, 40), (230, 120, 30), (30, 220, 230), (200, 60, 200), (200, 200, 40))
@@ -113,27 +124,36 @@ def masks_to_frame(
     return (probs > threshold).numpy().astype(np.uint8)
 
 
-class SegmentationPredictionWriter(BasePredictionWriter):
-    """Write each predicted frame's part masks (lab label format) and an overlay PNG; see the module
-    docstring for the layout and how to add it to ``jtml predict``."""
+class PredictionFolderWriter(BasePredictionWriter):
+    """What every ``jtml predict`` writer shares: it writes under ``out_dir`` (default
+    ``<trainer.default_root_dir>/predictions``, the run's own folder), refuses an existing path
+    that is not a folder, or a non-empty folder unless ``overwrite`` (so an earlier run's results
+    are never mixed with or silently replaced by this one's), and says what it wrote on stderr
+    (stdout is the command's JSON summary alone).
 
-    def __init__(self, out_dir: str | None = None, overwrite: bool = False, threshold: float = 0.5) -> None:
-        super().__init__(write_interval="batch")
-        if not 0.0 < float(threshold) < 1.0:
-            raise JTMLError(f"threshold must be in (0, 1), got {threshold}")
+    The refusal lives in :meth:`setup`, which ``jtml predict`` calls before W&B starts and before
+    anything is predicted. Subclasses keep their per-run state in :meth:`reset`; :attr:`root` is
+    the folder of the current run.
+    """
+
+    def __init__(
+        self, out_dir: str | Path | None = None, overwrite: bool = False, write_interval: str = "batch"
+    ) -> None:
+        super().__init__(write_interval=write_interval)
         self.out_dir = out_dir
         self.overwrite = bool(overwrite)
-        self.threshold = float(threshold)
         self.root: Path | None = None
-        self.written = 0
 
-    # -- set-up: refuse a non-empty output folder before anything is predicted ----------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "predict":
             return
         root = Path(self.out_dir) if self.out_dir else Path(trainer.default_root_dir) / "predictions"
         if root.exists() and not root.is_dir():
-            raise JTMLError("prediction output path exists and is not a folder", root)
+            raise JTMLError(
+                "prediction output path exists and is not a folder; choose another "
+                "--trainer.callbacks.init_args.out_dir",
+                root,
+            )
         if root.is_dir() and any(root.iterdir()) and not self.overwrite:
             raise JTMLError(
                 "prediction output folder exists and is not empty; choose another out_dir or pass "
@@ -141,6 +161,37 @@ class SegmentationPredictionWriter(BasePredictionWriter):
                 root,
             )
         self.root = root
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the previous predict run's state (called by :meth:`setup`)."""
+
+    def _output_root(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Path:
+        """The run's folder; checks it first when :meth:`setup` was not called for predict (direct use)."""
+        if self.root is None:
+            self.setup(trainer, pl_module, "predict")
+        assert self.root is not None
+        return self.root
+
+    @staticmethod
+    @rank_zero_only
+    def _say(msg: str) -> None:
+        """One progress message, on stderr and from rank zero only."""
+        print(msg, file=sys.stderr, flush=True)
+
+
+class SegmentationPredictionWriter(PredictionFolderWriter):
+    """Write each predicted frame's part masks (lab label format) and an overlay PNG; see the module
+    docstring for the layout and how to add it to ``jtml predict``."""
+
+    def __init__(self, out_dir: str | None = None, overwrite: bool = False, threshold: float = 0.5) -> None:
+        super().__init__(out_dir=out_dir, overwrite=overwrite, write_interval="batch")
+        if not 0.0 < float(threshold) < 1.0:
+            raise JTMLError(f"threshold must be in (0, 1), got {threshold}")
+        self.threshold = float(threshold)
+        self.written = 0
+
+    def reset(self) -> None:
         self.written = 0
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -165,8 +216,7 @@ class SegmentationPredictionWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if self.root is None:  # setup() was not called with stage="predict" (direct use)
-            self.setup(trainer, pl_module, "predict")
+        root = self._output_root(trainer, pl_module)
         dataset = self._dataset(trainer, dataloader_idx)
         rows = getattr(dataset, "rows", None)
         if rows is None:
@@ -188,7 +238,7 @@ class SegmentationPredictionWriter(BasePredictionWriter):
             masks = masks_to_frame(
                 probs[k], frame.shape[:2], dataset.image_size, dataset.resize_mode, self.threshold
             )
-            base = self.root / str(row.study) if per_study else self.root
+            base = root / str(row.study) if per_study else root
             name = Path(row.image).stem
             for part, mask in zip(parts, masks, strict=True):
                 write_mask(base / part / f"{name}_label_{part}.tif", mask)
@@ -196,5 +246,5 @@ class SegmentationPredictionWriter(BasePredictionWriter):
             self.written += 1
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.is_global_zero and self.root is not None:
-            print(f"wrote masks and overlays of {self.written} frame(s) to {self.root}", file=sys.stderr)
+        if self.root is not None:
+            self._say(f"wrote masks and overlays of {self.written} frame(s) to {self.root}")

@@ -377,10 +377,12 @@ def test_experiment_yamls_fit_and_predict_jointtrack_files(yaml, tmp_path, study
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert Path(summary["checkpoint"]).is_file() and np.isfinite(summary["metrics"]["train/loss"])
     assert main(["predict", "--config", config, "--ckpt_path", summary["checkpoint"], *args]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    (line,) = captured.out.splitlines()  # stdout: the JSON summary alone; the writer speaks on stderr
+    assert Path(json.loads(line)["run_dir"]).is_dir()
     for part in ("fem", "tib"):
         (written,) = (tmp_path / "runs").glob(f"{Path(yaml).stem}/*/predictions/{study.name}/{part}.jts")
-        assert f"wrote {written}" in out
+        assert f"wrote {written}" in captured.err
         poses = read_poses(written, n_frames=4)  # one row per frame, JointTrack's format
         assert np.isfinite(poses).all() and (poses[:, 2] < 0).all()
     # the tibia file holds the varus-valgus choice between the network's pose and its twin
