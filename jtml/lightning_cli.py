@@ -93,6 +93,7 @@ class JTMLCLI(LightningCLI):
     _record_argv: list[str] | None = None
     _reproduces: str | None = None
     last_run_dir: Path | None = None  # the run directory of the latest command (`jtml reproduce`)
+    summary_out: Any = None  # the command's stdout, which holds the one-line JSON summary only
 
     def __init__(self, args: list[str]) -> None:
         self.run_dir: Path | None = None
@@ -135,6 +136,9 @@ class JTMLCLI(LightningCLI):
 
     # -- run directory -------------------------------------------------------------------------
     def before_instantiate_classes(self) -> None:
+        # From here on stdout is the summary's alone: Lightning's progress bar, the writers' and
+        # libraries' chatter go to stderr (``--help``/``--print_config`` printed to stdout before this).
+        JTMLCLI.summary_out, sys.stdout = sys.stdout, sys.stderr
         cfg = self.config[self.subcommand]
         if self.subcommand == "predict":
             _predict_on_command_line_studies(cfg, self._argv)
@@ -257,7 +261,7 @@ class JTMLCLI(LightningCLI):
 
             wandb.finish()  # flush now, so the summary below is the last line of the output
         keys = ("run_dir", "checkpoint", "best_checkpoint", "wandb_run", "metrics")
-        print(json.dumps({k: record[k] for k in keys}), flush=True)
+        print(json.dumps({k: record[k] for k in keys}), file=JTMLCLI.summary_out or sys.stdout, flush=True)
 
     def _check_inputs(self, stage: str) -> None:
         """Every input the stage reads, checked before W&B starts (Lightning starts the logger's
@@ -522,6 +526,8 @@ def run_lightning(
             raise cause from None  # jsonargparse wraps errors raised while instantiating classes
         raise
     finally:
+        if JTMLCLI.summary_out is not None:
+            sys.stdout, JTMLCLI.summary_out = JTMLCLI.summary_out, None
         os.environ.pop("JTML_RUN_DIR", None) if _is_rank_zero() else None
     _ACTIVE.clear()
     return 0

@@ -104,4 +104,7 @@ def test_sweep_runs_one_configuration_offline(tmp_path, capsys):
     model = recorded["model"]["init_args"]
     assert model["encoder_depth"] == 4 and len(model["model_kwargs"]["decoder_channels"]) == 4
     assert model["optimizer"]["init_args"]["lr"] == pytest.approx(0.003, rel=1e-6)  # log-midpoint
-    assert summary["metrics"]["train/loss"] > 0  # one optimizer step ran
+    import torch
+
+    ckpt = torch.load(summary["checkpoint"], map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 1 and ckpt["optimizer_states"][0]["state"]  # one optimizer step ran
