@@ -436,3 +436,22 @@ def test_varus_valgus_rule_undoes_the_tibia_twin(study):
     fem[1] = np.nan  # a frame without a femur pose is left alone
     out, flipped = resolve_tibia_twin(fem, twin)
     assert flipped.tolist() == [True, False, True, True] and np.array_equal(out[1], twin[1])
+
+
+def test_cpu_threads_callback_gives_the_thread_count_back():
+    """A run in the same process after a CPUThreads run (a notebook, this suite) keeps its own thread
+    count: the count changes float summation order, so a leak made later runs irreproducible."""
+    from types import SimpleNamespace
+
+    from jtml.callbacks_pose import CPUThreads
+
+    before = torch.get_num_threads()
+    cb = CPUThreads(num_threads=2 if before == 1 else 1)
+    trainer, module = SimpleNamespace(datamodule=None), SimpleNamespace(device=torch.device("cpu"))
+    try:
+        cb.setup(trainer, module, "fit")
+        assert torch.get_num_threads() == cb.num_threads != before
+        cb.teardown(trainer, module, "fit")
+        assert torch.get_num_threads() == before
+    finally:
+        torch.set_num_threads(before)
