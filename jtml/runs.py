@@ -7,10 +7,14 @@ A run directory ``<root>/<experiment>/<stamp>-<id>/`` (see :mod:`jtml.lightning_
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
 import os
+import signal
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -295,9 +299,31 @@ def _record_fingerprint(run_dir: Path) -> str | None:
 
 
 # -- atomic checkpoints ---------------------------------------------------------------------------
+@contextlib.contextmanager
+def sigint_deferred() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) that arrives inside the block until the block is done, then raise it.
+
+    A KeyboardInterrupt raised inside ``torch.save`` surfaces as a RuntimeError from its zip writer
+    ("unexpected pos"), so a run stopped while checkpointing was recorded ``failed``, not
+    ``interrupted``. Main thread only (where Python delivers signals); elsewhere a no-op.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received and callable(previous):
+            previous(signal.SIGINT, None)  # Python's default handler raises KeyboardInterrupt here
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes ``.<file>.tmp-<pid>`` next to the checkpoint, fsyncs, then ``os.replace``\\ s it (a
     temporary file left by a process killed mid-write is removed by the next save of that file).
+    A Ctrl-C during the write takes effect once the checkpoint is complete.
 
     Lightning's own save writes through an fsspec transaction into a temp file in the system
     temp dir and ``shutil.move``\\ s it: atomic only when that dir is on the same filesystem as
@@ -314,14 +340,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
         for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by a process killed mid-write
             stale.unlink(missing_ok=True)
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with sigint_deferred():
+            try:
+                with open(tmp, "wb") as f:
+                    torch.save(checkpoint, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, target)
+            finally:
+                tmp.unlink(missing_ok=True)
         return None
 
 
