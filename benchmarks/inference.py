@@ -25,7 +25,7 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
-from jtml.export import export_segmentation
+from jtml.deploy.segmentation import export_segmentation
 from jtml.models.segmentation import SegmentationModule
 
 DEMO = Path(__file__).resolve().parents[1] / "experiments" / "demo_seg.yaml"

@@ -1,6 +1,6 @@
 """Train DataLoader throughput at 1024²: jtml's default lab recipe vs the exact-elastic one.
 
-Generates a synthetic 1024² study in a temporary folder (``jtml.data.synth``), runs
+Generates a synthetic 1024² study in a temporary folder (``jtml.sim.synth``), runs
 ``FluoroSegDataModule``'s train loader for each recipe after a warm-up (worker start, first
 batches) and prints samples/s side by side with the CPU time per sample of the loader's
 processes (what the loader costs, whatever else the cores run), then one JSON line. The exact
@@ -20,7 +20,7 @@ from pathlib import Path
 
 
 def make_study(out: Path, frames: int, size: int) -> Path:
-    from jtml.data.synth import generate_study
+    from jtml.sim.synth import generate_study
 
     return generate_study(out, frames=frames, seed=0, size=size)
 
@@ -39,7 +39,7 @@ def _cpu_seconds(pids: list[int]) -> float:
 
 def measure(study: Path, recipe: str, args: argparse.Namespace, batches: int) -> tuple[float, float]:
     """(samples/s, CPU seconds per sample over the loader's processes)."""
-    from jtml.data.datamodule import FluoroSegDataModule
+    from jtml.data.segmentation import FluoroSegDataModule
 
     dm = FluoroSegDataModule(
         studies=[str(study)],

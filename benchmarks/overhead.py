@@ -49,8 +49,9 @@ def plain_loop(tmp: Path, warmup: int, steps: int, size: int, batch: int) -> flo
     """The same network, loss, optimizer and DataLoader, driven by hand."""
     import yaml
 
-    from jtml.data.datamodule import FluoroSegDataModule
-    from jtml.models.segmentation import SegmentationModule, build_loss
+    from jtml.data.segmentation import FluoroSegDataModule
+    from jtml.models.losses import build_loss
+    from jtml.models.segmentation import SegmentationModule
 
     spec = yaml.safe_load(CONFIG.read_text())
     torch.manual_seed(spec["seed_everything"])

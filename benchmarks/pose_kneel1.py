@@ -10,7 +10,7 @@
    varus–valgus choice between a pose and its symmetric twin, which the prediction writer applies)
    and JTML's NFD estimates (``FFT/<part>_fft.jts``: from the network
    segmentation; ``FFT/<part>_fft_perfect.jts``: from the true silhouettes) against the tracked
-   poses with the same metric (:func:`jtml.commands.score_poses.score`), and prints the table
+   poses with the same metric (:func:`jtml.cli.score_poses.score`), and prints the table
    (also written as Markdown with the machine and wall time to ``--markdown``).
 
 Every step goes through the ``jtml`` CLI, i.e. the same LightningCLI code and experiment YAML as any
@@ -29,8 +29,8 @@ import sys
 import time
 from pathlib import Path
 
-from jtml.commands.score_poses import score
-from jtml.data.study import load_study
+from jtml.cli.score_poses import score
+from jtml.io.study import load_study
 
 ROOT = Path(__file__).resolve().parents[1]
 AXES = ("x", "y", "z", "z_rot", "x_rot", "y_rot")

@@ -22,7 +22,7 @@ def load_mesh():
     root = os.environ.get("JTML_TEST_DATA")
     if root and (Path(root) / "kneel1" / "KR_right_7_fem.stl").is_file():
         return read_stl(Path(root) / "kneel1" / "KR_right_7_fem.stl"), "kneel1 KR_right_7_fem.stl"
-    from jtml.data.implants import femoral_component
+    from jtml.sim.implants import femoral_component
 
     mesh = femoral_component()
     while len(mesh.faces) < 12000:

@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from jtml.data.datamodule import FluoroSegDataModule
-from jtml.data.datasets import FluoroSegDataset
 from jtml.data.index import build_index, write_index
+from jtml.data.segmentation import FluoroSegDataModule, FluoroSegDataset
 from jtml.errors import JTMLError
 from jtml.io import Calibration, write_calibration, write_image, write_mask
 
@@ -276,9 +275,9 @@ def _fake_synth(monkeypatch, calls):
         make_study(out.parent, out.name, frames=frames, size=size)
         return out
 
-    module = types.ModuleType("jtml.data.synth")
+    module = types.ModuleType("jtml.sim.synth")
     module.generate_study = generate_study
-    monkeypatch.setitem(sys.modules, "jtml.data.synth", module)
+    monkeypatch.setitem(sys.modules, "jtml.sim.synth", module)
 
 
 def test_synthetic_study_is_generated_once_in_prepare_data(tmp_path, monkeypatch):

@@ -38,7 +38,7 @@ def _pose_data(tmp: Path) -> list[str]:
 
 
 TINY_DATA = {
-    "jtml.data.datamodule.FluoroSegDataModule": _seg_data,
+    "jtml.data.segmentation.FluoroSegDataModule": _seg_data,
     "jtml.data.pose.FluoroPoseDataModule": _pose_data,
 }
 

@@ -160,6 +160,7 @@ def test_abbreviated_key_is_an_unknown_key(tmp_path, capsys):
 
 
 # -- item 5: a reproduction writes only inside its own run directory -------------------------------
+@pytest.mark.slow
 def test_reproduce_a_full_length_run_leaves_the_original_byte_identical(tmp_path, monkeypatch, capsys):
     """The YAML's own schedule (30 epochs, best and last checkpoints) and its relative
     ``runs/`` root, as `make demo` runs it (4 tiny frames): 829f297 wrote the reproduction's
@@ -210,6 +211,7 @@ def test_reproduce_says_how_many_data_files_changed(fitted64, tmp_path, capsys):
 
 
 # -- item 6: Ctrl-C --------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_sigint_marks_the_run_interrupted_with_its_checkpoint_and_how_to_resume(tmp_path):
     args = ["fit", "--config", str(DEMO), *_tiny(tmp_path), "--trainer.max_epochs", "500"]
     started = time.time()
@@ -246,6 +248,7 @@ def _ddp(devices: int) -> list[str]:
             "ddp" if devices > 1 else "auto"]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_ddp_fit_without_a_full_batch_per_process_is_refused_before_training(tmp_path):
     """23 frames split 0.2/0.1 by frame: 16 or 17 to train, 8 or 9 per process with 2 processes,
     batch 16. 829f297: "No training batches", a crash on rank 1 and exit 0."""
@@ -273,6 +276,7 @@ def ddp47(tmp_path_factory) -> tuple[Path, list[str], dict]:
     return tmp, args, json.loads(summaries[0])
 
 
+@pytest.mark.slow
 def test_ddp_fit_on_47_frames_with_plain_ddp_trains_and_validates_alike_on_1_and_2_processes(ddp47):
     tmp, args, fit = ddp47
     ckpt = torch.load(fit["checkpoint"], map_location="cpu", weights_only=False)
@@ -293,6 +297,7 @@ def test_ddp_fit_on_47_frames_with_plain_ddp_trains_and_validates_alike_on_1_and
     assert metrics[1]["val/dice_mean"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("epoch", [1, None], ids=["in-training", "after-training"])
 def test_a_failure_on_rank_1_fails_the_command_and_the_run(ddp47, epoch):
     """find_unused_parameters, so that only the injected failure can fail these runs."""

@@ -1,5 +1,5 @@
 """The model's data settings (parts, input, roi_size, roi_margin) come from ``data`` by parse-time links
-(jtml.cli_links), for every experiment; and the GPU experiments run on a machine without one."""
+(jtml.cli.links), for every experiment; and the GPU experiments run on a machine without one."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import torch
 import yaml
 
 from jtml.cli import main
-from jtml.cli_links import LINKED_KEYS
-from jtml.lightning_cli import JTMLCLI
+from jtml.cli.lightning import JTMLCLI
+from jtml.cli.links import LINKED_KEYS
 
 EXPERIMENTS = sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.yaml"))
 DEMO_POSE = EXPERIMENTS[0].with_name("demo_pose.yaml")

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import socket
 
+import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 
-from jtml.data.datamodule import FluoroSegDataModule
-from jtml.data.loaders import UnpaddedDistributedSampler
 from jtml.data.pose import FluoroPoseDataModule
-from jtml.data.synth import generate_study
+from jtml.data.segmentation import FluoroSegDataModule
+from jtml.sim.synth import generate_study
 
 
 def _free_port() -> int:
@@ -35,14 +36,15 @@ def _worker(rank: int, world: int, port: int, study: str, out: dict) -> None:
         seen = {}
         for name, dm in (("seg", seg), ("pose", pose)):
             loader = dm.val_dataloader()
-            assert isinstance(loader.sampler, UnpaddedDistributedSampler)
+            assert isinstance(loader.sampler, UnrepeatedDistributedSampler)
             seen[name] = (list(loader.sampler), len(dm.val_dataset))
-            assert not isinstance(dm.train_dataloader().sampler, UnpaddedDistributedSampler)
+            assert not isinstance(dm.train_dataloader().sampler, UnrepeatedDistributedSampler)
         out[rank] = seen
     finally:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_val_shards_cover_every_sample_once_under_ddp(tmp_path):
     study = generate_study(tmp_path / "s", frames=10, seed=0, size=64, progress=False)
     with mp.Manager() as manager:

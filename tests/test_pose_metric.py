@@ -164,6 +164,7 @@ def _ddp_worker(rank: int, world: int, port: int, pred: torch.Tensor, truth: tor
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_equal_single_process():
     g = torch.Generator().manual_seed(0)
     truth = TRUTH.repeat(5, 1)[:20]

@@ -12,19 +12,16 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from jtml.callbacks_pose import resolve_tibia_twin, varus_valgus
-from jtml.data.implants import procedural_models
-from jtml.data.pose import (
-    FluoroPoseDataModule,
-    crop_roi,
-    in_plane_rotation_matrix,
-    rotate_pose_in_plane,
-)
-from jtml.data.synth import generate_study
+from jtml.data.pose import FluoroPoseDataModule
 from jtml.errors import JTMLError
 from jtml.geometry import Camera, SilhouetteRenderer, euler312_to_matrix, symmetric_twin
+from jtml.geometry.knee import resolve_tibia_twin, varus_valgus
+from jtml.geometry.roi import crop_roi, in_plane_rotation_matrix, rotate_pose_in_plane
 from jtml.io import Calibration, read_poses, write_poses
-from jtml.models.pose import PoseModule, decode_pose, encode_pose, ray_rotation
+from jtml.models.parameterisation import decode_pose, encode_pose, ray_rotation
+from jtml.models.pose import PoseModule
+from jtml.sim.implants import procedural_models
+from jtml.sim.synth import generate_study
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*(does not have many workers|LeafSpec|log_every_n_steps).*")
 ROOT = Path(__file__).resolve().parents[1]
@@ -334,6 +331,58 @@ def test_fit_lowers_the_loss_and_checkpoint_roundtrip(tmp_path):
     assert torch.equal(a, b)
 
 
+def test_checkpoints_of_the_old_layout_load_and_resume(tmp_path):
+    """Checkpoints written before the network became ``PoseModule.net`` (keys ``backbone.*``,
+    ``neck.*``, ``head.*``) load with the same outputs, and a fit resumes from them."""
+    pl.seed_everything(0)
+    dm = tiny_dm(roi_size=32, train_samples=8, val_samples=4, batch_size=4)
+
+    def fit(model: PoseModule, max_steps: int, ckpt_path: Path | None = None) -> pl.Trainer:
+        trainer = pl.Trainer(
+            accelerator="cpu", max_steps=max_steps, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        )  # fmt: skip
+        trainer.fit(model, dm, ckpt_path=ckpt_path)
+        return trainer
+
+    model = PoseModule(parts=["fem", "tib"], backbone="resnet10t", roi_size=32, head_hidden=32)
+    trainer = fit(model, 2)
+    new = tmp_path / "new.ckpt"
+    trainer.save_checkpoint(new)
+    ckpt = torch.load(new, map_location="cpu", weights_only=True)
+    assert {k.split(".")[0] for k in ckpt["state_dict"]} == {"net"}
+    ckpt["state_dict"] = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items()}
+    assert {k.split(".")[0] for k in ckpt["state_dict"]} == {"backbone", "neck", "head"}
+    old = tmp_path / "old.ckpt"
+    torch.save(ckpt, old)
+    loaded = PoseModule.load_from_checkpoint(old).eval()
+    batch = next(iter(dm.val_dataloader()))
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(*model.inputs(batch)), loaded(*loaded.inputs(batch)))
+    resumed = PoseModule(parts=["fem", "tib"], backbone="resnet10t", roi_size=32, head_hidden=32)
+    trainer = fit(resumed, 3, ckpt_path=old)  # the optimizer state restores onto the same parameters
+    assert trainer.global_step == 3
+    assert not torch.equal(resumed.net.head.weight, loaded.net.head.weight)
+
+
+def test_compile_option_compiles_the_network_in_place():
+    """``compile`` (the quick ``eager`` backend here) compiles ``net`` in place: same outputs, same keys."""
+    torch.manual_seed(0)
+    model = PoseModule(parts=["fem", "tib"], backbone="resnet10t", roi_size=32, compile={"backend": "eager"})
+    eager = PoseModule(parts=["fem", "tib"], backbone="resnet10t", roi_size=32).eval()
+    eager.load_state_dict(model.state_dict())
+    torch._dynamo.reset()
+    model.configure_model()
+    assert model.net._compiled_call_impl is not None and list(model.state_dict()) == list(eager.state_dict())
+    model.eval()
+    x, part, bbox = torch.rand(2, 1, 32, 32), torch.tensor([0, 1]), torch.rand(2, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, part, bbox), eager(x, part, bbox))
+    with pytest.raises(JTMLError, match="compile"):
+        PoseModule(parts=["fem"], backbone="resnet10t", roi_size=32, compile="yes")
+
+
 # -- LightningCLI: both experiment YAMLs, and predict writing JointTrack files ------------------------------
 
 
@@ -443,7 +492,7 @@ def test_cpu_threads_callback_gives_the_thread_count_back():
     count: the count changes float summation order, so a leak made later runs irreproducible."""
     from types import SimpleNamespace
 
-    from jtml.callbacks_pose import CPUThreads
+    from jtml.callbacks.system import CPUThreads
 
     before = torch.get_num_threads()
     cb = CPUThreads(num_threads=2 if before == 1 else 1)

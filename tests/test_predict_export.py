@@ -17,10 +17,11 @@ import torch
 import torch.nn.functional as F
 
 from jtml.cli import main
-from jtml.data.datamodule import FluoroSegDataModule
-from jtml.data.synth import generate_study
-from jtml.export import JTMLAppModel, export_segmentation, load_segmentation_checkpoint
+from jtml.data.segmentation import FluoroSegDataModule
+from jtml.deploy.segmentation import JTMLAppModel, export_segmentation, load_segmentation_checkpoint
+from jtml.errors import JTMLError
 from jtml.io import list_images, read_image
+from jtml.sim.synth import generate_study
 
 DEMO = Path(__file__).resolve().parents[1] / "experiments" / "demo_seg.yaml"
 SIZE = 64  # the network's image_size
@@ -316,12 +317,19 @@ def test_export_of_other_checkpoints_is_one_error(trained, tmp_path, capsys):
         },
         pose,
     )
+    neither = tmp_path / "neither.ckpt"
+    torch.save(
+        {"state_dict": {}, "hyper_parameters": {"_class_path": "torch.nn.Linear", "parts": ["fem"]}}, neither
+    )
     text = tmp_path / "notes.ckpt"
     text.write_text("not a checkpoint\n")
-    for bad in (pose, text, tmp_path / "missing.ckpt"):
+    for bad in (pose, neither, text, tmp_path / "missing.ckpt"):
         assert main(["export", "--ckpt_path", str(bad), "--out", str(tmp_path / "x.pt")]) == 2
         err = _errors(capsys)
         assert len(err) == 1 and str(bad) in err[0]
+        with pytest.raises(JTMLError) as e:  # not a segmentation model, whatever else it is
+            load_segmentation_checkpoint(bad)
+        assert e.value.path == str(bad)
     assert not (tmp_path / "x.pt").exists()
 
 
@@ -346,7 +354,7 @@ def test_export_onnx(trained, tmp_path):
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     (onnx_logits,) = session.run(None, {"image": x})
     module, prep = load_segmentation_checkpoint(ckpt)
-    from jtml.export import JTMLAppModel
+    from jtml.deploy.segmentation import JTMLAppModel
 
     with torch.no_grad():
         eager = JTMLAppModel(module.model, **prep)(torch.from_numpy(x)).numpy()

@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from jtml.wandb_offline import read_offline_run
+from jtml.runs.wandb_offline import read_offline_run
+
+pytestmark = pytest.mark.slow  # multi-process DDP runs in subprocesses
 
 DEMO = Path(__file__).resolve().parents[1] / "experiments" / "demo_seg.yaml"
 # 12 frames, split by frame: 6 train, 3 val (odd: DistributedSampler would pad it to 4), 3 test
@@ -63,7 +65,7 @@ def _val_dice_here(checkpoint: str) -> tuple[dict[str, float], dict[str, float]]
     of the threshold may fall on the other side (a frame's Dice 2I/(P+T) moves by <= 2/(P+T-1))."""
     from torchmetrics.functional.segmentation import dice_score
 
-    from jtml.data.datamodule import FluoroSegDataModule
+    from jtml.data.segmentation import FluoroSegDataModule
     from jtml.models.segmentation import SegmentationModule
 
     dm = FluoroSegDataModule.load_from_checkpoint(checkpoint)

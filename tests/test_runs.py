@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from jtml.cli import main
-from jtml.runs import AtomicCheckpointIO
-from jtml.wandb_offline import read_offline_run
+from jtml.runs.checkpoints import AtomicCheckpointIO
+from jtml.runs.wandb_offline import read_offline_run
 
 DEMO = Path(__file__).resolve().parents[1] / "experiments" / "demo_seg.yaml"
 LR = "model.init_args.optimizer.init_args.lr"
@@ -148,6 +148,7 @@ def test_reproduce_names_missing_files(tmp_path, capsys):
     assert "config.yaml" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_resume_last_continues_the_run_directory_and_wandb_run(three_runs):
     tmp, summaries = three_runs
     root = tmp / "resume"
@@ -183,6 +184,7 @@ def _state_dict(ckpt: str | Path) -> dict[str, torch.Tensor]:
     return torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
 
 
+@pytest.mark.slow
 def test_kill_9_in_epoch_2_then_resume_last_equals_the_uninterrupted_run(three_runs):
     """A real SIGKILL of a `jtml fit` process in the middle of its 2nd epoch (test callback
     ``_sigkill.SigkillAt``), then `--ckpt_path last`: every checkpoint left behind loads, and the
@@ -226,6 +228,7 @@ def test_kill_9_in_epoch_2_then_resume_last_equals_the_uninterrupted_run(three_r
             assert baseline["metrics"][key] == pytest.approx(value, rel=1e-3, abs=1e-4), key
 
 
+@pytest.mark.slow
 def test_checkpoint_write_killed_midway_leaves_the_previous_checkpoint_intact(tmp_path):
     """SIGKILL while AtomicCheckpointIO pickles a checkpoint (a value whose pickling kills the
     process): the old file is untouched. Written in place with torch.save, it would be torn."""
@@ -263,6 +266,7 @@ else:
                 torch.load(target, weights_only=True)
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_a_checkpoint_write_takes_effect_once_the_checkpoint_is_complete(tmp_path):
     """SIGINT delivered while the checkpoint is being pickled (a value whose pickling sends it): the
     write completes and loads, then KeyboardInterrupt is raised (a run stopped while checkpointing

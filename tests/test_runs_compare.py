@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from jtml.cli import main
-from jtml.commands.runs import collect, figure
+from jtml.cli.runs import collect, figure
 
 LR = "model.init_args.optimizer.init_args.lr"
 BS = "data.init_args.batch_size"
@@ -29,7 +29,7 @@ def _config(run_dir: Path, model: str, lr: float, batch_size: int, command: str)
             "default_root_dir": str(run_dir),
             "logger": [
                 {
-                    "class_path": "jtml.loggers.WandbLogger",
+                    "class_path": "jtml.runs.loggers.WandbLogger",
                     "init_args": {"save_dir": str(run_dir), "job_type": command},
                 }
             ],

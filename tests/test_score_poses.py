@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from jtml.cli import main
-from jtml.data.implants import procedural_models
-from jtml.data.synth import default_calibration
 from jtml.geometry import symmetric_twin
 from jtml.io import write_calibration, write_poses, write_stl
+from jtml.sim.implants import procedural_models
+from jtml.sim.synth import default_calibration
 
 # The data README's table: JTML's NFD estimates (FFT/<part>_fft.jts) vs the tracked poses, mean abs.
 NFD = {

@@ -14,8 +14,8 @@ import torch
 from scipy import ndimage
 
 from jtml.cli import main
-from jtml.data.datamodule import FluoroSegDataModule
-from jtml.wandb_offline import read_offline_run
+from jtml.data.segmentation import FluoroSegDataModule
+from jtml.runs.wandb_offline import read_offline_run
 
 DEMO = Path(__file__).resolve().parents[1] / "experiments" / "demo_seg.yaml"
 
@@ -200,7 +200,7 @@ def test_fine_tune_demo_model_on_kneel1_logs_dice_against_real_labels(kneel1, tm
     import numpy as np
     import torch
 
-    from jtml.data.datamodule import FluoroSegDataModule
+    from jtml.data.segmentation import FluoroSegDataModule
     from jtml.io import read_image, read_mask
     from jtml.models.segmentation import SegmentationModule
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import socket
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from jtml.errors import JTMLError
-from jtml.models.segmentation import SegmentationModule, build_loss
+from jtml.models.losses import build_loss
+from jtml.models.segmentation import SegmentationModule
 
 PARTS = ["fem", "tib"]
 DEC3 = {"decoder_channels": [32, 16, 8]}
@@ -190,6 +192,18 @@ def test_loss_specs():
 
 
 # -- training, checkpoints -----------------------------------------------------------------------------------
+
+
+def test_plateau_in_min_mode_on_a_dice_metric_is_warned_about():
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau
+    model = SegmentationModule(PARTS, lr_scheduler=plateau, **TINY)  # mode min, monitor val/dice_mean
+    with pytest.warns(UserWarning, match="set mode: max"):
+        conf = model.configure_optimizers()
+    assert conf["lr_scheduler"]["monitor"] == "val/dice_mean"
+    model = SegmentationModule(PARTS, lr_scheduler=functools.partial(plateau, mode="max"), **TINY)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.configure_optimizers()
 
 
 def test_fit_lowers_loss_logs_metrics_and_checkpoint_roundtrip(tmp_path):
@@ -377,7 +391,7 @@ def test_wandb_overlays_written_offline(tmp_path, monkeypatch):
     from PIL import Image
     from pytorch_lightning.loggers import WandbLogger
 
-    from jtml.callbacks import WandbSegmentationImages, label_map
+    from jtml.callbacks.images import WandbSegmentationImages, label_map
 
     for key, value in {
         "WANDB_MODE": "offline",
@@ -420,7 +434,7 @@ def test_wandb_overlays_written_offline(tmp_path, monkeypatch):
 
 
 def test_overlay_callback_is_inert_without_wandb(tmp_path):
-    from jtml.callbacks import WandbSegmentationImages, label_map
+    from jtml.callbacks.images import WandbSegmentationImages, label_map
 
     cb = WandbSegmentationImages(num_images=2)
     train, val = loaders()

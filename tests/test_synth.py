@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 
 from jtml.cli import main
-from jtml.data.implants import procedural_models
-from jtml.data.study import load_study
-from jtml.data.synth import generate_study
 from jtml.errors import JTMLError
 from jtml.geometry import Camera, SilhouetteRenderer
 from jtml.io import read_calibration, read_image, read_mask, read_stl
+from jtml.io.study import load_study
+from jtml.sim.implants import procedural_models
+from jtml.sim.synth import generate_study
 
 SIZE = 128
 

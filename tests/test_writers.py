@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 
-from jtml.callbacks_pose import PosePredictionWriter
-from jtml.callbacks_predict import SegmentationPredictionWriter
+from jtml.callbacks.pose import PosePredictionWriter
+from jtml.callbacks.predict import SegmentationPredictionWriter
 from jtml.cli import main
-from jtml.data.synth import generate_study
 from jtml.errors import JTMLError
 from jtml.io import read_poses
+from jtml.sim.synth import generate_study
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*(does not have many workers|LeafSpec|log_every_n_steps).*")
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"

@@ -1,1 +1,2 @@
-"""Indexes, datasets, datamodules, transforms and synthetic studies."""
+"""Study indexes, the segmentation and pose datasets and DataModules (on one base,
+:mod:`jtml.data.base`), their loaders and augmentation transforms."""

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from jtml.data.study import load_study
 from jtml.errors import JTMLError
 from jtml.io.atomic import atomic_write
+from jtml.io.study import load_study
 
 SPLITS = ("train", "val", "test")
 BASE_COLUMNS = ("study", "frame", "split", "image", "calibration")
@@ -306,6 +306,12 @@ def validate_files(
                     read_mask(m, None if img is None else img.shape)
                 except JTMLError as e:
                     problems.append(str(e))
+    raise_problems(problems, source)
+
+
+def raise_problems(problems: Sequence[str], source: Path | str) -> None:
+    """Raise one :class:`JTMLError` listing every problem with the files ``source`` lists (the
+    first 50, then how many more), so one run reports all there is to fix; none: return."""
     if problems:
         shown = "\n  ".join(problems[:50])
         more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""

@@ -3,8 +3,10 @@
 Training loaders shuffle with :class:`EpochShuffle` and drop a ragged last batch: the order and
 the augmentation seeds of epoch ``e`` depend on the run's seed and ``e`` alone, so a run resumed
 from a checkpoint draws what the uninterrupted run drew (see the README's "Deterministic runs").
-Val/test/predict loaders get :class:`UnpaddedDistributedSampler` under DDP, so every frame counts
-exactly once in the synced metrics.
+Val/test/predict loaders get Lightning's ``UnrepeatedDistributedSampler`` (no shuffle) under DDP:
+every rank takes every ``world_size``-th sample and nothing more, so every frame counts exactly
+once in the synced metrics (Lightning's default DistributedSampler pads with repeats, counting
+some frames twice); summed torchmetrics states make uneven shards harmless.
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ import os
 
 import numpy as np
 import torch
+from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
 
 from jtml.errors import JTMLError
 
-__all__ = ["EpochSeeded", "EpochShuffle", "SplitLoaders", "UnpaddedDistributedSampler", "epoch_seed"]
+__all__ = ["EpochSeeded", "EpochShuffle", "SplitLoaders", "epoch_seed"]
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -85,34 +88,20 @@ class EpochShuffle(DistributedSampler):
             self.dataset.set_epoch_seed(epoch_seed(seed, self.rank))
 
 
-class UnpaddedDistributedSampler(DistributedSampler):
-    """Every rank takes every ``world_size``-th sample and nothing more.
-
-    Lightning's default DistributedSampler pads the dataset with repeats so all ranks get equal
-    lengths, which counts some val/test frames twice and biases the metrics; summed torchmetrics
-    states make uneven shards harmless. Being a DistributedSampler, Lightning leaves it in place.
-    """
-
-    def __init__(self, dataset: Dataset) -> None:
-        super().__init__(dataset, shuffle=False, drop_last=False)
-        self.indices = list(range(self.rank, len(dataset), self.num_replicas))
-        self.num_samples = len(self.indices)
-
-    def __iter__(self):  # noqa: ANN204
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
 class SplitLoaders:
-    """Mixin for a LightningDataModule with ``{train,val,test,predict}_dataset`` attributes and
-    ``batch_size``, ``num_workers``, ``pin_memory``, ``persistent_workers``."""
+    """The loader part of :class:`~jtml.data.base.FluoroDataModule`, which sets these attributes:
+    ``{train,val,test,predict}_dataset``, ``batch_size``, ``num_workers``, ``pin_memory``,
+    ``persistent_workers`` and ``source`` (what errors name)."""
 
     batch_size: int
     num_workers: int
     pin_memory: bool
     persistent_workers: bool
+    source: str
+    train_dataset: Dataset | None
+    val_dataset: Dataset | None
+    test_dataset: Dataset | None
+    predict_dataset: Dataset | None
 
     def check_train_batches(self, processes: int, share: int | None = None) -> None:
         """Refuse a training set in which a process's share holds no full batch: under DDP it would
@@ -125,7 +114,7 @@ class SplitLoaders:
                 f"the train split has {n} samples: {share} per process with {processes} process(es), "
                 f"fewer than batch_size {self.batch_size}, so no full batch (no optimizer step) - lower "
                 f"data.init_args.batch_size to at most {max(share, 1)} or use fewer processes",
-                getattr(self, "source", None),
+                self.source,
             )
 
     def _loader(self, dataset: Dataset | None, name: str, train: bool = False) -> DataLoader:
@@ -141,7 +130,14 @@ class SplitLoaders:
             sampler = EpochShuffle(dataset, seed=seed, epoch=epoch, generator=generator)
             self.check_train_batches(sampler.num_replicas, share=len(sampler))
         elif distributed:
-            sampler = UnpaddedDistributedSampler(dataset)
+            processes = torch.distributed.get_world_size()
+            if len(dataset) < processes:  # Lightning's sampler asserts this; say it plainly
+                raise JTMLError(
+                    f"the {name} set has {len(dataset)} sample(s), fewer than the {processes} processes: "
+                    "each process needs at least one - use fewer devices or more data",
+                    self.source,
+                )
+            sampler = UnrepeatedDistributedSampler(dataset, shuffle=False)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,

@@ -5,7 +5,7 @@ silhouette (from its mask: the mask is the ROI source for every input kind, so f
 masks too — the ground-truth labels in training, a segmentation network's masks in use), resampled
 to ``roi_size`` pixels (area filter, so a binary mask becomes a soft, sub-pixel-accurate one) and
 returned with the ROI's place in the frame and the frame's camera. The network's targets are made
-from these in :mod:`jtml.models.pose`; nothing here depends on the network.
+from these in :mod:`jtml.models.parameterisation`; nothing here depends on the network.
 
 Sample dict (collated by the default collate): ``roi_mask`` and/or ``roi_image`` float32
 ``(1, R, R)`` (by ``input``: mask, frame or both), ``roi`` float64 ``(3,)`` = ROI centre ``(u, v)``
@@ -17,7 +17,7 @@ and side in frame pixels (continuous coordinates, pixel ``(c, r)`` centred at ``
 ``study``, ``frame`` (str), ``frame_pos`` (row of the frame in its study's pose file), ``n_frames``.
 
 Sources. Files: an ``index`` CSV, ``studies`` folders or a ``synthetic`` study (generated on first
-use by :func:`jtml.data.synth.generate_study`), split like :class:`FluoroSegDataModule`. Renders
+use by :func:`jtml.sim.synth.generate_study`), split as :mod:`jtml.data.base` describes. Renders
 (``render: true``, mask input only): every training sample is a fresh random pose of the part's
 model (``models``; None = the built-in procedural implants) seen through ``calibration`` on
 ``image_size``² frames, sampled by ``pose_ranges`` and rendered with the exact
@@ -43,8 +43,6 @@ Augmentation must keep the label right, so only pose-consistent operations exist
 
 from __future__ import annotations
 
-import math
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,337 +50,29 @@ from typing import Any, Literal
 
 import cv2
 import numpy as np
-import pytorch_lightning as pl
 import torch
 import trimesh
 from torch.utils.data import Dataset
 
-from jtml.data.index import SPLITS, IndexRow
-from jtml.data.loaders import EpochSeeded, SplitLoaders
-from jtml.data.sources import IndexedRows
-from jtml.data.transforms import build_transforms
+from jtml.data.base import STAGE_SPLITS, FluoroDataModule
+from jtml.data.index import IndexRow, raise_problems
+from jtml.data.loaders import EpochSeeded
+from jtml.data.transforms import build_transforms, check_pose_consistent
 from jtml.errors import JTMLError
-from jtml.geometry import Camera, euler312_to_matrix, matrix_to_pose, project_mesh, rasterize_triangles
+from jtml.geometry import Camera, SilhouetteRenderer, project_mesh
+from jtml.geometry.roi import (
+    INPUTS,
+    Input,
+    in_plane_rotation_matrix,
+    make_sample,
+    mask_bbox,
+    rotate_pose_in_plane,
+)
+from jtml.geometry.sampling import MAX_ATTEMPTS, PoseSampler
 from jtml.io import read_calibration, read_image, read_mask, read_stl
+from jtml.sim.synth import REFERENCE_SIZE
 
-__all__ = [
-    "INPUTS",
-    "FluoroPoseDataModule",
-    "PoseFileDataset",
-    "PoseSampler",
-    "RenderedPoseDataset",
-    "check_pose_consistent",
-    "crop_roi",
-    "in_plane_rotation_matrix",
-    "mask_bbox",
-    "make_sample",
-    "roi_box",
-    "rotate_pose_in_plane",
-]
-
-Input = Literal["mask", "frame", "both"]
-INPUTS = ("mask", "frame", "both")
-REFERENCE_SIZE = 1024  # the frame size calibrations describe (as in jtml.data.synth)
-MAX_ATTEMPTS = 200  # pose samples before deciding pose_ranges cannot fit the field of view
-STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
-
-
-# ------------------------------------------------------------------------------------------------
-# Geometry of the ROI and of the in-plane rotation
-# ------------------------------------------------------------------------------------------------
-
-
-def camera_vector(camera: Camera) -> np.ndarray:
-    """A camera as the ``(6,)`` float64 ``pd, xo, yo, pp, width, height`` the batches carry."""
-    return np.array(
-        [camera.pd, camera.xo, camera.yo, camera.pp, camera.width, camera.height], dtype=np.float64
-    )
-
-
-def mask_bbox(mask: np.ndarray) -> tuple[int, int, int, int] | None:
-    """``(col0, row0, col1, row1)`` (ends exclusive) of the pixels ``> 0.5``; None for an empty mask."""
-    fg = np.asarray(mask) > 0.5
-    rows, cols = np.flatnonzero(fg.any(axis=1)), np.flatnonzero(fg.any(axis=0))
-    if rows.size == 0:
-        return None
-    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
-
-
-def roi_box(
-    bbox: tuple[int, int, int, int],
-    margin: float,
-    rng: np.random.Generator | None = None,
-    jitter: Sequence[float] = (0.0, 0.0),
-) -> tuple[int, int, int]:
-    """Integer square ROI ``(x0, y0, side)`` around a silhouette bbox.
-
-    ``side = round(max(w, h) · (1 + margin))``, centred on the bbox; ``jitter = (shift, scale)``
-    with ``rng`` moves the centre by ``U(−shift, shift)·side`` per axis and scales the side by
-    ``exp(U(−scale, scale))``. Integer boxes make the crop an exact pixel copy.
-    """
-    c0, r0, c1, r1 = bbox
-    side = max(c1 - c0, r1 - r0) * (1.0 + margin)
-    cu, cv = (c0 + c1) / 2.0, (r0 + r1) / 2.0
-    shift, scale = float(jitter[0]), float(jitter[1])
-    if rng is not None and (shift > 0 or scale > 0):
-        side *= math.exp(rng.uniform(-scale, scale)) if scale > 0 else 1.0
-        if shift > 0:
-            cu += rng.uniform(-shift, shift) * side
-            cv += rng.uniform(-shift, shift) * side
-    side_i = max(8, int(round(side)))
-    return int(round(cu - side_i / 2.0)), int(round(cv - side_i / 2.0)), side_i
-
-
-def crop_roi(
-    image: np.ndarray,
-    box: tuple[int, int, int, int] | tuple[int, int, int],
-    size: int,
-    replicate: bool = False,
-) -> np.ndarray:
-    """The ``(x0, y0, side)`` window of ``image`` (zero- or edge-padded outside it) as float32
-    ``size × size``: area filter when shrinking (a binary mask becomes a soft one), linear when
-    enlarging."""
-    x0, y0, side = box[:3]
-    M = np.array([[1.0, 0.0, -x0], [0.0, 1.0, -y0]])
-    border = cv2.BORDER_REPLICATE if replicate else cv2.BORDER_CONSTANT
-    src = image.astype(np.float32) if image.dtype not in (np.float32,) else image
-    win = cv2.warpAffine(src, M, (side, side), flags=cv2.INTER_NEAREST, borderMode=border, borderValue=0)
-    if side == size:
-        return win
-    interp = cv2.INTER_AREA if side > size else cv2.INTER_LINEAR
-    return cv2.resize(win, (size, size), interpolation=interp)
-
-
-def in_plane_rotation_matrix(camera: Camera, degrees: float) -> np.ndarray:
-    """The 2×3 OpenCV warp that turns a frame by ``degrees`` about the principal point, matching
-    :func:`rotate_pose_in_plane` (OpenCV puts pixel centres at integers, hence the −½)."""
-    u0, v0 = camera.principal_point
-    return cv2.getRotationMatrix2D((u0 - 0.5, v0 - 0.5), float(degrees), 1.0)
-
-
-def rotate_pose_in_plane(pose: np.ndarray, degrees: float) -> np.ndarray:
-    """The pose seen by a camera rolled by ``−degrees`` about its optical axis: ``R' = Rz·R``,
-    ``t' = Rz·t`` — whose image is the original image turned by ``degrees`` about the principal
-    point (:func:`in_plane_rotation_matrix`)."""
-    pose = np.asarray(pose, dtype=np.float64)
-    Rz = euler312_to_matrix(np.array([degrees, 0.0, 0.0])).numpy()
-    T = np.eye(4)
-    T[:3, :3] = Rz @ euler312_to_matrix(pose[3:6]).numpy()
-    T[:3, 3] = Rz @ pose[:3]
-    return matrix_to_pose(torch.from_numpy(T)).numpy()
-
-
-def make_sample(
-    mask: np.ndarray,
-    camera: Camera,
-    roi_size: int,
-    margin: float,
-    input: Input = "mask",
-    frame: np.ndarray | None = None,
-    invert: bool = False,
-    rng: np.random.Generator | None = None,
-    jitter: Sequence[float] = (0.0, 0.0),
-    bbox: tuple[int, int, int, int] | None = None,
-    offset: tuple[int, int] = (0, 0),
-    pixel_transform: Any = None,
-) -> dict[str, Any]:
-    """The network input of one part: ROI tensors, the ROI box and the camera (no pose).
-
-    ``mask`` may be a window of the frame whose top-left pixel is ``offset`` (renders); ``bbox``
-    (frame coordinates) saves recomputing it. An empty mask gives ``valid: False`` and zero ROIs.
-    """
-    box_bbox = bbox
-    if box_bbox is None:
-        b = mask_bbox(mask)
-        box_bbox = (
-            None if b is None else (b[0] + offset[0], b[1] + offset[1], b[2] + offset[0], b[3] + offset[1])
-        )
-    out: dict[str, Any] = {"camera": torch.from_numpy(camera_vector(camera))}
-    if box_bbox is None:
-        out["valid"] = False
-        out["roi"] = torch.tensor(
-            [camera.width / 2, camera.height / 2, float(camera.width)], dtype=torch.float64
-        )
-        if input in ("mask", "both"):
-            out["roi_mask"] = torch.zeros(1, roi_size, roi_size)
-        if input in ("frame", "both"):
-            out["roi_image"] = torch.zeros(1, roi_size, roi_size)
-        out["roi_bbox"] = torch.zeros(4)
-        return out
-    x0, y0, side = roi_box(box_bbox, margin, rng, jitter)
-    out["valid"] = True
-    out["roi"] = torch.tensor([x0 + side / 2.0, y0 + side / 2.0, float(side)], dtype=torch.float64)
-    c0, r0, c1, r1 = box_bbox
-    out["roi_bbox"] = torch.tensor([c0 - x0, r0 - y0, c1 - x0, r1 - y0], dtype=torch.float32) / side
-    if input in ("mask", "both"):
-        m = crop_roi(mask, (x0 - offset[0], y0 - offset[1], side), roi_size)
-        out["roi_mask"] = torch.from_numpy(np.clip(m, 0.0, 1.0))[None]
-    if input in ("frame", "both"):
-        if frame is None:
-            raise JTMLError(f"input {input!r} needs the frame, got none")
-        img = frame
-        maxval = float(np.iinfo(img.dtype).max) if img.dtype.kind in "ui" else 1.0
-        if invert:
-            img = (maxval - img.astype(np.float64)).astype(img.dtype) if img.dtype.kind in "ui" else 1.0 - img
-        roi = crop_roi(img, (x0, y0, side), roi_size, replicate=True)
-        if pixel_transform is not None:
-            roi = pixel_transform(image=np.clip(roi / np.float32(maxval), 0.0, 1.0).astype(np.float32))[
-                "image"
-            ]
-        lo, hi = float(roi.min()), float(roi.max())
-        roi = (roi - lo) / np.float32(hi - lo) if hi > lo else np.zeros_like(roi)
-        out["roi_image"] = torch.from_numpy(np.ascontiguousarray(roi, dtype=np.float32))[None]
-    return out
-
-
-def check_pose_consistent(transform: Any, where: str = "train_transforms") -> None:
-    """Refuse any transform that is not pixel-level: spatial ones change the silhouette without a pose."""
-    import albumentations as A
-
-    def walk(t: Any) -> None:
-        if isinstance(t, A.BaseCompose):
-            for child in t.transforms:
-                walk(child)
-        elif not isinstance(t, A.ImageOnlyTransform):
-            raise JTMLError(
-                f"{where}: {type(t).__name__} is not pose-consistent for pose data: it moves pixels, so the "
-                "silhouette would no longer match its pose (a flip mirrors the implant, elastic/shear/affine "
-                "warps are no rigid motion, a crop moves the principal point). Use rotation_range (exact "
-                "in-plane rotation) and roi_jitter (exact ROI shift/scale) instead; only pixel-level "
-                "transforms (noise, blur, gamma, contrast, …) are allowed here"
-            )
-
-    if transform is not None:
-        walk(transform)
-
-
-# ------------------------------------------------------------------------------------------------
-# Pose sampling for renders
-# ------------------------------------------------------------------------------------------------
-
-_INDEPENDENT_DEFAULT = {"z_rot": (-180.0, 180.0), "x_rot": (-15.0, 15.0), "y_rot": (-15.0, 15.0)}
-
-
-def _pair(value: Any, name: str) -> tuple[float, float]:
-    try:
-        lo, hi = (float(v) for v in value)
-    except (TypeError, ValueError):
-        raise JTMLError(f"pose_ranges: {name} must be a [low, high] pair, got {value!r}") from None
-    if not (math.isfinite(lo) and math.isfinite(hi)) or lo > hi:
-        raise JTMLError(f"pose_ranges: {name} must be finite with low <= high, got {value!r}")
-    return lo, hi
-
-
-class PoseSampler:
-    """Random poses of each part that keep its model inside the field of view.
-
-    ``pose_ranges``:
-
-    - ``{sampler: knee}`` (default): :func:`jtml.data.synth.sample_knee`, the synthetic studies'
-      realistic joint — flexion 0–120°, near-lateral view, ±10° out-of-plane tilt, depth 0.8–0.95
-      of the principal distance, both implants inside a random circular collimator. Needs the parts
-      ``fem``/``tib`` (the other one's model is the procedural one when not given).
-    - ``{sampler: independent, depth: [0.8, 0.95], margin: 0.03, <part>: {z_rot: [lo, hi], x_rot:
-      […], y_rot: […]}}``: each part on its own, angles uniform in the given ranges (degrees;
-      defaults ±180, ±15, ±15), ``|z|`` uniform in ``depth`` × principal distance, placed uniformly
-      where its whole model stays ``margin`` × width inside the frame.
-    """
-
-    def __init__(
-        self, ranges: dict[str, Any] | None, meshes: dict[str, trimesh.Trimesh], camera: Camera
-    ) -> None:
-        ranges = dict(ranges or {})
-        self.kind = str(ranges.pop("sampler", "knee"))
-        self.camera = camera
-        self.vertices = {
-            p: np.unique(np.asarray(m.vertices, dtype=np.float64), axis=0) for p, m in meshes.items()
-        }
-        if self.kind == "knee":
-            if ranges:
-                raise JTMLError(f"pose_ranges: the knee sampler takes no other keys, got {sorted(ranges)}")
-            from jtml.data.synth import KneeGeometry
-
-            if not {"fem", "tib"} <= set(meshes):
-                raise JTMLError("pose_ranges: the knee sampler needs fem and tib models")
-            self.geom = KneeGeometry.from_models(meshes["fem"], meshes["tib"])
-        elif self.kind == "independent":
-            self.depth = _pair(ranges.pop("depth", (0.8, 0.95)), "depth")
-            if self.depth[0] <= 0:
-                raise JTMLError(
-                    f"pose_ranges: depth {list(self.depth)} must be > 0 (|z| as a fraction of the principal "
-                    "distance): depth <= 0 puts the model at or behind the X-ray source"
-                )
-            self.margin = float(ranges.pop("margin", 0.03))
-            self.angles: dict[str, dict[str, tuple[float, float]]] = {}
-            for part in meshes:
-                spec = dict(ranges.pop(part, None) or {})
-                unknown = sorted(set(spec) - set(_INDEPENDENT_DEFAULT))
-                if unknown:
-                    raise JTMLError(f"pose_ranges.{part}: unknown key(s) {unknown}; use z_rot, x_rot, y_rot")
-                self.angles[part] = {
-                    k: _pair(spec.get(k, d), f"{part}.{k}") for k, d in _INDEPENDENT_DEFAULT.items()
-                }
-            if ranges:
-                raise JTMLError(
-                    f"pose_ranges: unknown key(s) {sorted(ranges)}; expected sampler, depth, margin "
-                    f"and parts {sorted(meshes)}"
-                )
-        else:
-            raise JTMLError(f"pose_ranges: sampler must be 'knee' or 'independent', got {self.kind!r}")
-
-    def _knee(self, rng: np.random.Generator) -> dict[str, np.ndarray] | None:
-        from jtml.data.synth import sample_knee
-
-        W, H = self.camera.width, self.camera.height
-        circle = (
-            W / 2 + rng.normal(0.0, 0.01) * W,
-            H / 2 + rng.normal(0.0, 0.01) * H,
-            rng.uniform(0.44, 0.53) * W,
-        )
-        knee = sample_knee(rng, self.geom, self.vertices, self.camera, circle, max(2.0, 0.03 * W))
-        return None if knee is None else {"fem": knee.fem, "tib": knee.tib}
-
-    def _independent(self, rng: np.random.Generator, part: str) -> np.ndarray | None:
-        cam = self.camera
-        angles = np.array([rng.uniform(*self.angles[part][k]) for k in ("z_rot", "x_rot", "y_rot")])
-        R = euler312_to_matrix(angles).numpy()
-        V = self.vertices[part]
-        centre = (V.min(0) + V.max(0)) / 2
-        depth = rng.uniform(*self.depth) * cam.pd
-        t = np.array([0.0, 0.0, -depth]) - R @ centre
-        P = V @ R.T + t
-        f = cam.focal_px
-        du, dv = -f * P[:, 0] / P[:, 2], f * P[:, 1] / P[:, 2]  # offsets from the principal point
-        u0, v0 = cam.principal_point
-        m = self.margin * cam.width
-        lo_u, hi_u = m - (u0 + du.min()), cam.width - m - (u0 + du.max())
-        lo_v, hi_v = m - (v0 + dv.min()), cam.height - m - (v0 + dv.max())
-        if lo_u > hi_u or lo_v > hi_v:
-            return None
-        su, sv = rng.uniform(lo_u, hi_u), rng.uniform(lo_v, hi_v)
-        # An image-plane shift (su, sv) at the model's depth, to first order; then checked exactly.
-        k = depth / f
-        pose = np.array([t[0] + su * k, t[1] - sv * k, t[2], *angles])
-        uv = project_mesh(V, pose, cam)
-        inside = (uv[:, 0] >= m).all() and (uv[:, 0] <= cam.width - m).all()
-        inside = inside and (uv[:, 1] >= m).all() and (uv[:, 1] <= cam.height - m).all()
-        return pose if inside else None
-
-    def __call__(self, rng: np.random.Generator, part: str) -> np.ndarray:
-        """One pose row of ``part``; JTMLError when the ranges cannot fit the field of view."""
-        for _ in range(MAX_ATTEMPTS):
-            if self.kind == "knee":
-                poses = self._knee(rng)
-                pose = None if poses is None else poses[part]
-            else:
-                pose = self._independent(rng, part)
-            if pose is not None:
-                return pose
-        raise JTMLError(
-            f"pose_ranges cannot place the {part} model inside the {self.camera.width}x{self.camera.height} "
-            f"field of view after {MAX_ATTEMPTS} tries: is the model in mm, the calibration right, and the "
-            "depth range realistic?"
-        )
+__all__ = ["FluoroPoseDataModule", "PoseFileDataset", "PoseItem", "RenderedPoseDataset"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -418,8 +108,7 @@ class RenderedPoseDataset(Dataset):
         cache: bool = False,
     ) -> None:
         self.sampler, self.parts, self.camera = sampler, list(parts), camera
-        self.vertices = {p: np.asarray(meshes[p].vertices, dtype=np.float64) for p in self.parts}
-        self.faces = {p: np.asarray(meshes[p].faces, dtype=np.int64) for p in self.parts}
+        self.renderers = {p: SilhouetteRenderer(meshes[p], camera) for p in self.parts}
         self.length, self.roi_size, self.margin = int(length), int(roi_size), float(margin)
         self.jitter, self.rotation_range = tuple(jitter), float(rotation_range)
         self.seed, self.cache = seed, cache and seed is not None
@@ -427,20 +116,6 @@ class RenderedPoseDataset(Dataset):
 
     def __len__(self) -> int:
         return self.length
-
-    def render_window(self, part: str, pose: np.ndarray) -> tuple[np.ndarray, int, int]:
-        """The silhouette inside the bounding window of the projected model: ``(mask, x0, y0)``.
-
-        Shifting pixel coordinates by the integer window offset leaves every pixel-centre test
-        unchanged, so the window equals the full frame's render there, pixel for pixel."""
-        cam = self.camera
-        uv = project_mesh(self.vertices[part], pose, cam)
-        x0 = int(np.clip(np.floor(uv[:, 0].min()) - 1, 0, cam.width))
-        x1 = int(np.clip(np.ceil(uv[:, 0].max()) + 1, 0, cam.width))
-        y0 = int(np.clip(np.floor(uv[:, 1].min()) - 1, 0, cam.height))
-        y1 = int(np.clip(np.ceil(uv[:, 1].max()) + 1, 0, cam.height))
-        tri = uv[self.faces[part]] - np.array([x0, y0], dtype=np.float64)
-        return rasterize_triangles(tri, max(y1 - y0, 0), max(x1 - x0, 0)), x0, y0
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if index in self._cache:
@@ -452,7 +127,7 @@ class RenderedPoseDataset(Dataset):
             pose = self.sampler(rng, part)
             if self.rotation_range > 0:
                 pose = rotate_pose_in_plane(pose, rng.uniform(-self.rotation_range, self.rotation_range))
-            win, x0, y0 = self.render_window(part, pose)
+            win, x0, y0 = self.renderers[part].render_window(pose)
             if win.any():
                 break
         sample = make_sample(
@@ -569,15 +244,15 @@ class PoseFileDataset(EpochSeeded, Dataset):
 # ------------------------------------------------------------------------------------------------
 
 
-class FluoroPoseDataModule(IndexedRows, SplitLoaders, pl.LightningDataModule):
+class FluoroPoseDataModule(FluoroDataModule):
     """Per-part pose samples for Lightning (module docstring: sample layout, sources, augmentation).
 
     Args:
         parts: part names; sample ``part`` indices follow this order (the model's must match).
         input: ``mask`` (silhouette only: the JTML-app contract), ``frame`` or ``both`` (channels
             frame, mask). Every kind takes its ROI from the mask.
-        index, studies, synthetic: file sources as for ``FluoroSegDataModule`` (``synthetic``: the
-            arguments of :func:`~jtml.data.synth.generate_study`, generated on first use).
+        index, studies, synthetic: file sources, as :mod:`jtml.data.base` describes (``synthetic``: the
+            arguments of :func:`~jtml.sim.synth.generate_study`, generated on first use).
         render: train/validate on renders of ``models`` (mask input only); files are then the
             test/predict sets (all their frames).
         models: STL per part for renders and for the mTRE metric (None: the procedural implants
@@ -595,7 +270,9 @@ class FluoroPoseDataModule(IndexedRows, SplitLoaders, pl.LightningDataModule):
         rotation_range: training in-plane rotation in degrees, ± (exact).
         train_transforms: pixel-level albumentations list for frames (spatial ones are refused).
         invert: frames ``max − value`` (implants bright) before the ROI is normalised (min–max).
-        predict_split: rows that predict covers (files mode); ``all`` writes complete pose files.
+        predict_split: rows that predict covers (files mode). Its default is ``all``: a ``.jts``
+            pose file needs every frame of the study (the segmentation DataModule's is ``test``,
+            the held-out frames).
     """
 
     def __init__(
@@ -630,12 +307,8 @@ class FluoroPoseDataModule(IndexedRows, SplitLoaders, pl.LightningDataModule):
         split_by: Literal["study", "frame"] | None = None,
         predict_split: Literal["train", "val", "test", "all"] = "all",
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
         if input not in INPUTS:
             raise JTMLError(f"input must be one of {INPUTS}, got {input!r}")
-        if not parts or len(set(parts)) != len(parts):
-            raise JTMLError(f"parts must be distinct and non-empty, got {parts}")
         if not render and index is None and not studies and not synthetic:
             raise JTMLError("no data: give an index CSV, study folders, a synthetic study or render: true")
         if render and input != "mask":
@@ -643,16 +316,29 @@ class FluoroPoseDataModule(IndexedRows, SplitLoaders, pl.LightningDataModule):
                 f"render: true renders silhouettes, so it needs input: mask (got {input!r}); frame input "
                 "trains on studies (e.g. a synthetic one)"
             )
-        if batch_size < 1 or num_workers < 0:
-            raise JTMLError(f"batch_size must be >= 1 and num_workers >= 0 (got {batch_size}, {num_workers})")
         if int(roi_size) < 16 or roi_margin < 0:
             raise JTMLError(f"roi_size must be >= 16 and roi_margin >= 0 (got {roi_size}, {roi_margin})")
         if len(roi_jitter) != 2 or min(roi_jitter) < 0:
             raise JTMLError(f"roi_jitter must be [shift, scale] >= 0, got {roi_jitter}")
         if rotation_range < 0 or min(train_samples, val_samples, test_samples) < 1:
             raise JTMLError("rotation_range must be >= 0 and the sample counts >= 1")
-        self.parts, self.input = list(parts), input
-        self._init_sources(index, studies, synthetic)
+        super().__init__(
+            parts=parts,
+            index=index,
+            studies=studies,
+            synthetic=synthetic,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=persistent_workers,
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+            split_seed=split_seed,
+            split_by=split_by,
+            predict_split=predict_split,
+        )
+        self.save_hyperparameters()
+        self.input = input
         self.render = bool(render)
         self.models = {str(k): str(v) for k, v in (models or {}).items()}
         self.image_size = int(image_size)
@@ -660,11 +346,6 @@ class FluoroPoseDataModule(IndexedRows, SplitLoaders, pl.LightningDataModule):
         self.roi_jitter = (float(roi_jitter[0]), float(roi_jitter[1]))
         self.rotation_range = float(rotation_range)
         self.invert = bool(invert)
-        self.batch_size, self.num_workers = int(batch_size), int(num_workers)
-        self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
-        self.persistent_workers = bool(persistent_workers) and self.num_workers > 0
-        self.val_fraction, self.test_fraction = float(val_fraction), float(test_fraction)
-        self.split_seed, self.split_by, self.predict_split = int(split_seed), split_by, predict_split
         self.train_transform = build_transforms(train_transforms, where="train_transforms")
         check_pose_consistent(self.train_transform)
         if self.train_transform is not None and input == "mask":
@@ -674,7 +355,7 @@ class FluoroPoseDataModule(IndexedRows, SplitLoaders, pl.LightningDataModule):
         self.camera: Camera | None = None
         self.sampler: PoseSampler | None = None
         if self.render:
-            from jtml.data.synth import default_calibration
+            from jtml.sim.synth import default_calibration
 
             calib = (
                 default_calibration(self.image_size) if calibration is None else read_calibration(calibration)
@@ -688,19 +369,14 @@ class FluoroPoseDataModule(IndexedRows, SplitLoaders, pl.LightningDataModule):
                 )
         elif pose_ranges is not None:
             raise JTMLError("pose_ranges only applies to render: true")
-        self.rows: list[IndexRow] | None = None
         self._items: dict[str, list[PoseItem]] = {}
-        self.train_dataset: Dataset | None = None
-        self.val_dataset: Dataset | None = None
-        self.test_dataset: Dataset | None = None
-        self.predict_dataset: Dataset | None = None
 
     # ---------------------------------------------------------------- models and vertices
 
     def meshes(self) -> dict[str, trimesh.Trimesh]:
         """The render models by part: ``models`` where given, else the procedural implants."""
         if self._meshes is None:
-            from jtml.data.implants import procedural_models
+            from jtml.sim.implants import procedural_models
 
             meshes = dict(procedural_models())
             for part, path in self.models.items():
@@ -721,7 +397,7 @@ class FluoroPoseDataModule(IndexedRows, SplitLoaders, pl.LightningDataModule):
             for p in self.parts
             if p in self.models
         }
-        if self.index is not None or self.studies:
+        if self.has_files:
             rows = self._load_rows()
             for p in self.parts:
                 paths = {r.models.get(p) for r in rows} - {None}
@@ -733,11 +409,8 @@ class FluoroPoseDataModule(IndexedRows, SplitLoaders, pl.LightningDataModule):
 
     @property
     def has_files(self) -> bool:
+        """Whether frames were given (index, studies or a synthetic study), not renders alone."""
         return self.index is not None or bool(self.studies)
-
-    @property
-    def source(self) -> str:
-        return self.index if self.index is not None else ", ".join(self.studies) or "renders"
 
     def items(self, split: str, need_pose: bool) -> list[PoseItem]:
         """Checked samples of ``split`` (``all``: every row): every problem of every file in one error.
@@ -802,12 +475,7 @@ class FluoroPoseDataModule(IndexedRows, SplitLoaders, pl.LightningDataModule):
                     continue
                 pos, n = position[id(r)]
                 items.append(PoseItem(r, part, k, pose, bbox, tuple(mask.shape), pos, n))
-        if problems:
-            shown = "\n  ".join(problems[:50])
-            more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
-            raise JTMLError(
-                f"{len(problems)} problem(s) with the files it lists:\n  {shown}{more}", self.source
-            )
+        raise_problems(problems, self.source)
         self._items[key] = items
         return items
 
@@ -832,9 +500,7 @@ class FluoroPoseDataModule(IndexedRows, SplitLoaders, pl.LightningDataModule):
     def _files(self, split: str, train: bool = False, need_pose: bool = True) -> PoseFileDataset:
         items = self.items(split, need_pose)
         if not items:
-            counts = Counter(r.split for r in self._load_rows())
-            shown = ", ".join(f"{s} {counts.get(s, 0)}" for s in SPLITS)
-            raise JTMLError(f"the {split} split is empty ({shown})", self.source)
+            raise self.empty_split_error(split)
         return PoseFileDataset(
             items,
             self.input,

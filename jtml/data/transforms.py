@@ -356,3 +356,24 @@ def build_transforms(
         return A.Compose(transforms, strict=True, seed=seed)
     except (TypeError, ValueError) as e:
         raise JTMLError(f"{where}: {_explain(e)}") from None
+
+
+def check_pose_consistent(transform: Any, where: str = "train_transforms") -> None:
+    """Refuse any transform that is not pixel-level: spatial ones change the silhouette without a pose."""
+    import albumentations as A
+
+    def walk(t: Any) -> None:
+        if isinstance(t, A.BaseCompose):
+            for child in t.transforms:
+                walk(child)
+        elif not isinstance(t, A.ImageOnlyTransform):
+            raise JTMLError(
+                f"{where}: {type(t).__name__} is not pose-consistent for pose data: it moves pixels, so the "
+                "silhouette would no longer match its pose (a flip mirrors the implant, elastic/shear/affine "
+                "warps are no rigid motion, a crop moves the principal point). Use rotation_range (exact "
+                "in-plane rotation) and roi_jitter (exact ROI shift/scale) instead; only pixel-level "
+                "transforms (noise, blur, gamma, contrast, …) are allowed here"
+            )
+
+    if transform is not None:
+        walk(transform)

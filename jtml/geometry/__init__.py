@@ -1,6 +1,7 @@
-"""Camera, pose and projection conventions of JointTrack, and silhouette rendering."""
+"""Camera, pose and projection conventions of JointTrack, silhouette rendering, regions of interest
+and knee-pose sampling."""
 
-from jtml.geometry.camera import Camera
+from jtml.geometry.camera import Camera, camera_vector
 from jtml.geometry.render import SilhouetteRenderer, project_mesh, rasterize_triangles, render_silhouette
 from jtml.geometry.rotations import (
     euler312_to_matrix,
@@ -17,6 +18,7 @@ from jtml.geometry.rotations import (
 __all__ = [
     "Camera",
     "SilhouetteRenderer",
+    "camera_vector",
     "euler312_to_matrix",
     "geodesic_angle",
     "matrix_to_euler312",

@@ -10,6 +10,7 @@ centred at ``(col + 0.5, row + 0.5)``::
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -88,16 +89,52 @@ class Camera:
             if isinstance(points, torch.Tensor)
             else torch.as_tensor(np.asarray(points), dtype=torch.float64)
         )
-        u0, v0 = self.principal_point
-        f = self.focal_px
-        u = u0 - f * P[..., 0] / P[..., 2]
-        v = v0 + f * P[..., 1] / P[..., 2]
-        return torch.stack([u, v], dim=-1)
+        return pinhole_project(P, self.focal_px, *self.principal_point)
 
     def backproject(self, uv: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Pixel ``(u, v)`` at depth ``z`` (mm, negative) → camera-frame point; inverse of project."""
-        u0, v0 = self.principal_point
-        f = self.focal_px
-        x = -(uv[..., 0] - u0) * z / f
-        y = (uv[..., 1] - v0) * z / f
-        return torch.stack([x, y, z], dim=-1)
+        return pinhole_backproject(uv, z, self.focal_px, *self.principal_point)
+
+
+# ------------------------------------------------------------------------------------------------
+# The projection (written once), and cameras as the (..., 6) vectors that batches carry
+# ------------------------------------------------------------------------------------------------
+
+
+def pinhole_project(P: torch.Tensor, f: Any, u0: Any, v0: Any) -> torch.Tensor:
+    """JointTrack's projection of ``(..., 3)`` camera-frame points with focal length ``f`` (pixels)
+    and principal point ``(u0, v0)`` (numbers, or tensors broadcasting against ``P[..., 0]``)."""
+    u = u0 - f * P[..., 0] / P[..., 2]
+    v = v0 + f * P[..., 1] / P[..., 2]
+    return torch.stack([u, v], dim=-1)
+
+
+def pinhole_backproject(uv: torch.Tensor, z: torch.Tensor, f: Any, u0: Any, v0: Any) -> torch.Tensor:
+    """Inverse of :func:`pinhole_project`: pixels ``(..., 2)`` at depths ``z`` (mm, < 0) → points."""
+    x = -(uv[..., 0] - u0) * z / f
+    y = (uv[..., 1] - v0) * z / f
+    return torch.stack([x, y, z], dim=-1)
+
+
+def camera_vector(camera: Camera) -> np.ndarray:
+    """A camera as the ``(6,)`` float64 ``pd, xo, yo, pp, width, height`` the batches carry."""
+    return np.array(
+        [camera.pd, camera.xo, camera.yo, camera.pp, camera.width, camera.height], dtype=np.float64
+    )
+
+
+def vector_intrinsics(camera: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``f`` (pixels) and the principal point ``(u0, v0)`` of ``(..., 6)`` camera vectors
+    (:func:`camera_vector`), as :attr:`Camera.focal_px` and :attr:`Camera.principal_point` give them."""
+    pd, xo, yo, pp, w, h = camera.unbind(-1)
+    return pd / pp, w / 2 + xo / pp, h / 2 - yo / pp
+
+
+def project_points(points: torch.Tensor, camera: torch.Tensor) -> torch.Tensor:
+    """:meth:`Camera.project` for a batch: points ``(B, 3)`` through cameras ``(B, 6)`` → ``(B, 2)``."""
+    return pinhole_project(points, *vector_intrinsics(camera))
+
+
+def backproject_points(uv: torch.Tensor, z: torch.Tensor, camera: torch.Tensor) -> torch.Tensor:
+    """:meth:`Camera.backproject` for a batch: pixels ``(B, 2)`` at depths ``(B,)`` → ``(B, 3)``."""
+    return pinhole_backproject(uv, z, *vector_intrinsics(camera))

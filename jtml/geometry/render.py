@@ -14,18 +14,21 @@ import trimesh
 
 from jtml.errors import JTMLError
 from jtml.geometry.camera import Camera
-from jtml.geometry.rotations import pose_to_matrix
+from jtml.geometry.rotations import matrix_to_pose, pose_to_matrix
 
 
 def project_mesh(vertices: np.ndarray, pose: np.ndarray, camera: Camera) -> np.ndarray:
-    """Model vertices ``(N, 3)`` at a pose row ``(6,)`` → pixel coordinates ``(N, 2)`` (float64)."""
+    """Model vertices ``(N, 3)`` at a pose → pixel coordinates ``(N, 2)`` (float64).
+
+    ``pose``: a JointTrack pose row ``(6,)`` or the 4×4 model-to-camera matrix it stands for."""
     pose = np.asarray(pose, dtype=np.float64)
-    if pose.shape != (6,) or not np.isfinite(pose).all():
-        raise JTMLError(f"a pose needs 6 finite numbers, got {pose.tolist()}")
-    T = pose_to_matrix(pose).numpy()
-    P = vertices @ T[:3, :3].T + T[:3, 3]
+    if pose.shape not in ((6,), (4, 4)) or not np.isfinite(pose).all():
+        raise JTMLError(f"a pose needs 6 finite numbers (or a finite 4x4 matrix), got {pose.tolist()}")
+    T = pose if pose.shape == (4, 4) else pose_to_matrix(pose).numpy()
+    P = np.asarray(vertices, dtype=np.float64) @ T[:3, :3].T + T[:3, 3]
     if (P[:, 2] >= 0).any():
-        raise JTMLError(f"pose {pose.tolist()} puts the model at or behind the X-ray source (needs z < 0)")
+        shown = pose.tolist() if pose.shape == (6,) else matrix_to_pose(torch.from_numpy(pose)).tolist()
+        raise JTMLError(f"pose {shown} puts the model at or behind the X-ray source (needs z < 0)")
     return camera.project(torch.from_numpy(P)).numpy()
 
 
@@ -103,6 +106,21 @@ class SilhouetteRenderer:
         """Bool ``(H, W)`` silhouette at a JointTrack pose row ``(x, y, z, z_rot, x_rot, y_rot)``."""
         uv = project_mesh(self.vertices, pose, self.camera)
         return rasterize_triangles(uv[self.faces], self.camera.height, self.camera.width)
+
+    def render_window(self, pose: np.ndarray) -> tuple[np.ndarray, int, int]:
+        """The silhouette inside the bounding window of the projected model: ``(mask, x0, y0)``.
+
+        Shifting pixel coordinates by the integer window offset leaves every pixel-centre test
+        unchanged, so the window equals the full frame's render there, pixel for pixel — at the
+        cost of the window, not of the frame (renders for training take a few ms)."""
+        cam = self.camera
+        uv = project_mesh(self.vertices, pose, cam)
+        x0 = int(np.clip(np.floor(uv[:, 0].min()) - 1, 0, cam.width))
+        x1 = int(np.clip(np.ceil(uv[:, 0].max()) + 1, 0, cam.width))
+        y0 = int(np.clip(np.floor(uv[:, 1].min()) - 1, 0, cam.height))
+        y1 = int(np.clip(np.ceil(uv[:, 1].max()) + 1, 0, cam.height))
+        tri = uv[self.faces] - np.array([x0, y0], dtype=np.float64)
+        return rasterize_triangles(tri, max(y1 - y0, 0), max(x1 - x0, 0)), x0, y0
 
 
 def render_silhouette(mesh: trimesh.Trimesh, pose: np.ndarray, camera: Camera) -> np.ndarray:

@@ -11,12 +11,14 @@ from pathlib import Path
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
-    """Yield a temporary path in the target's folder; rename it over ``path`` only on success."""
+def atomic_write(path: str | os.PathLike, suffix: str | None = None, fsync: bool = False) -> Iterator[Path]:
+    """Yield a temporary path in the target's folder (``.<name>.tmp-*``); rename it over ``path``
+    only on success. ``fsync``: flush it to the disk first (checkpoints, which a node failure must
+    not leave torn). A process killed mid-write leaves the temporary file; the target is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(
-        prefix=f".{path.name}.", suffix=suffix if suffix is not None else path.suffix, dir=path.parent
+        prefix=f".{path.name}.tmp-", suffix=suffix if suffix is not None else path.suffix, dir=path.parent
     )
     os.close(fd)
     tmp_path = Path(tmp)
@@ -25,6 +27,9 @@ def atomic_write(path: str | os.PathLike, suffix: str | None = None) -> Iterator
     os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; a study must be readable like any file
     try:
         yield tmp_path
+        if fsync:
+            with open(tmp_path, "rb+") as f:
+                os.fsync(f.fileno())
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():

@@ -1,23 +1,8 @@
 """6-DoF implant pose from a silhouette ROI (and optionally the frame): a timm backbone with pose heads.
 
-Parameterisation (calibration-aware, resolution-independent). Each sample is a square ROI of side
-``s`` frame pixels centred at ``c = (cu, cv)`` around one part's silhouette (see
-:mod:`jtml.data.pose`), with the frame's camera (``f = pd / pp`` pixels, principal point
-``(u0, v0)``). The network predicts, per part:
-
-- ``offset = (o − c) / s``: where the model origin projects (``o``), relative to the ROI centre,
-  in ROI units;
-- ``log_depth = log(|z| · s / (f · D))``: the depth relative to the depth at which an object of
-  ``D = depth_ref_mm`` would span the ROI — the apparent size carries the depth, and the ratio
-  ``s / f`` makes it independent of the frame's resolution and of the calibration (any constant
-  ``D`` works; per-part offsets are learned by the head's bias);
-- the rotation as Zhou et al.'s continuous 6-D representation, **allocentric**: relative to the
-  ray through the ROI centre (``R = R_ray · R_allo``, ``R_ray`` the smallest rotation taking the
-  optical axis onto that ray), since an implant seen off-axis is seen from another direction, and
-  what the network sees is ``R_allo``, not the camera-frame ``R``.
-
-The translation is recovered with the camera: ``t = backproject(c + s·offset, z)``. Resizing the
-frame scales ``c``, ``s`` and ``f`` alike, so the same network serves any frame size and pixel size.
+The network (:class:`~jtml.models.networks.pose.PoseNet`) predicts, per sample, where the model
+origin projects relative to the ROI, a ROI-relative log depth and an allocentric 6-D rotation; the
+parameterisation and its decoding into JointTrack poses are in :mod:`jtml.models.parameterisation`.
 
 Loss: ``inplane_weight · L1(offset) + depth_weight · L1(log_depth) + rotation_weight · geodesic``
 (radians). ``trap_aware_loss``: the rotation term is the smaller geodesic to the true rotation and
@@ -37,133 +22,27 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 import numpy as np
-import pytorch_lightning as pl
-import timm
 import torch
 import torch.nn.functional as F
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from jtml.errors import JTMLError
-from jtml.geometry import (
-    Camera,
-    euler312_to_matrix,
-    geodesic_angle,
-    matrix_to_euler312,
-    matrix_to_rot6d,
-    rot6d_to_matrix,
-    symmetric_twin,
-)
+from jtml.geometry import Camera, geodesic_angle
 from jtml.io import Calibration
 from jtml.metrics.pose import PoseError
-from jtml.models import loadable_hparams
-from jtml.models.schedules import check_restored_lengths, scheduler_config
+from jtml.models.base import JTMLModule
+from jtml.models.networks.pose import PoseNet
+from jtml.models.parameterisation import decode_pose, encode_pose
 
-__all__ = ["PoseModule", "decode_pose", "encode_pose", "ray_rotation"]
+__all__ = ["PoseModule"]
 
-OUTPUTS = 9  # offset (2), log_depth (1), rot6d (6)
-N_MOMENTS = 6
-N_BBOX = 4
-
-
-def shape_moments(mask: Tensor) -> Tensor:
-    """``(B, 6)`` image moments of soft ROI masks ``(B, 1, R, R)``, ROI coordinates in [−1, 1]:
-    sqrt(area fraction), centroid (x, y), sqrt of the second central moments (xx, yy) and the
-    normalised xy moment. Exact sub-pixel size and position cues that a CNN only approximates."""
-    b, _, h, w = mask.shape
-    ys = torch.linspace(-1.0, 1.0, h, device=mask.device, dtype=mask.dtype)[:, None]
-    xs = torch.linspace(-1.0, 1.0, w, device=mask.device, dtype=mask.dtype)[None, :]
-    m = mask[:, 0]
-    total = m.sum(dim=(1, 2)).clamp(min=1e-6)
-    cx = (m * xs).sum(dim=(1, 2)) / total
-    cy = (m * ys).sum(dim=(1, 2)) / total
-    dx, dy = xs - cx[:, None, None], ys - cy[:, None, None]
-    sxx = (m * dx * dx).sum(dim=(1, 2)) / total
-    syy = (m * dy * dy).sum(dim=(1, 2)) / total
-    sxy = (m * dx * dy).sum(dim=(1, 2)) / total
-    corr = sxy / (sxx * syy).clamp(min=1e-12).sqrt()
-    area = (total / (h * w)).sqrt()
-    return torch.stack([area, cx, cy, sxx.clamp(min=0).sqrt(), syy.clamp(min=0).sqrt(), corr], dim=1)
+# The network's submodules, which checkpoints written before PoseNet held at the module's top level.
+_NET_PREFIXES = ("backbone.", "neck.", "head.")
 
 
-# ------------------------------------------------------------------------------------------------
-# Parameterisation (batched, float64; cameras as (B, 6) pd, xo, yo, pp, width, height)
-# ------------------------------------------------------------------------------------------------
-
-
-def _intrinsics(camera: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    pd, xo, yo, pp, w, h = camera.unbind(-1)
-    return pd / pp, w / 2 + xo / pp, h / 2 - yo / pp
-
-
-def ray_rotation(uv: Tensor, camera: Tensor) -> Tensor:
-    """``(B, 3, 3)``: the smallest rotation taking the optical axis ``(0, 0, −1)`` onto the ray
-    through pixel ``uv`` (Rodrigues; the ray never points backwards, so it is well defined)."""
-    f, u0, v0 = _intrinsics(camera)
-    d = torch.stack([(uv[..., 0] - u0) / f, -(uv[..., 1] - v0) / f, -torch.ones_like(f)], -1)
-    d = d / d.norm(dim=-1, keepdim=True)
-    a = torch.zeros_like(d)
-    a[..., 2] = -1.0
-    k = torch.cross(a, d, dim=-1)
-    c = (a * d).sum(-1)
-    K = torch.zeros(*k.shape[:-1], 3, 3, dtype=k.dtype, device=k.device)
-    K[..., 0, 1], K[..., 0, 2], K[..., 1, 2] = -k[..., 2], k[..., 1], -k[..., 0]
-    K[..., 1, 0], K[..., 2, 0], K[..., 2, 1] = k[..., 2], -k[..., 1], k[..., 0]
-    eye = torch.eye(3, dtype=k.dtype, device=k.device).expand_as(K)
-    return eye + K + (K @ K) / (1.0 + c)[..., None, None]
-
-
-def encode_pose(
-    pose: Tensor, roi: Tensor, camera: Tensor, depth_ref_mm: float, allocentric: bool = True
-) -> dict[str, Tensor]:
-    """JointTrack pose rows ``(B, 6)`` → network targets ``offset`` (B, 2), ``log_depth`` (B,),
-    ``rotation`` (B, 3, 3) and ``twin_rotation`` (of the symmetric twin) in the ROI's frame."""
-    pose, roi, camera = pose.double(), roi.double(), camera.double()
-    f, u0, v0 = _intrinsics(camera)
-    t = pose[:, :3]
-    o = torch.stack([u0 - f * t[:, 0] / t[:, 2], v0 + f * t[:, 1] / t[:, 2]], -1)
-    c, s = roi[:, :2], roi[:, 2]
-    R = euler312_to_matrix(pose[:, 3:])
-    R_twin = euler312_to_matrix(symmetric_twin(pose)[:, 3:])
-    if allocentric:
-        Rc_t = ray_rotation(c, camera).transpose(-1, -2)
-        R, R_twin = Rc_t @ R, Rc_t @ R_twin
-    return {
-        "offset": (o - c) / s[:, None],
-        "log_depth": torch.log(-t[:, 2] * s / (f * depth_ref_mm)),
-        "rotation": R,
-        "twin_rotation": R_twin,
-    }
-
-
-def decode_pose(
-    offset: Tensor,
-    log_depth: Tensor,
-    rotation: Tensor,
-    roi: Tensor,
-    camera: Tensor,
-    depth_ref_mm: float,
-    allocentric: bool = True,
-) -> Tensor:
-    """Inverse of :func:`encode_pose`: network outputs → JointTrack pose rows ``(B, 6)`` (float64)."""
-    offset, log_depth, rotation = offset.double(), log_depth.double(), rotation.double()
-    roi, camera = roi.double(), camera.double()
-    f, u0, v0 = _intrinsics(camera)
-    c, s = roi[:, :2], roi[:, 2]
-    uv = c + offset * s[:, None]
-    z = -torch.exp(log_depth) * f * depth_ref_mm / s
-    t = torch.stack([-(uv[:, 0] - u0) * z / f, (uv[:, 1] - v0) * z / f, z], -1)  # Camera.backproject
-    R = ray_rotation(c, camera) @ rotation if allocentric else rotation
-    return torch.cat([t, matrix_to_euler312(R)], -1)
-
-
-# ------------------------------------------------------------------------------------------------
-# LightningModule
-# ------------------------------------------------------------------------------------------------
-
-
-class PoseModule(pl.LightningModule):
-    """Pose network for one or more parts (module docstring: parameterisation, loss, parts).
+class PoseModule(JTMLModule):
+    """Pose network for one or more parts (module docstring: loss, parts; the network is ``self.net``).
 
     Args:
         parts: part names, in the DataModule's order (its ``part`` indices pick the head).
@@ -177,12 +56,13 @@ class PoseModule(pl.LightningModule):
             precise position regression easier for a translation-equivariant backbone.
         shape_features: feed the head the silhouette's exact bounding box in ROI units (the
             batch's ``roi_bbox``, measured at native resolution) and, with a mask channel, the
-            mask's image moments (:func:`shape_moments`): the apparent size and position that
-            carry depth and in-plane translation, exactly, where the resampled ROI blurs them.
+            mask's image moments (:func:`~jtml.models.networks.pose.shape_moments`): the apparent
+            size and position that carry depth and in-plane translation, exactly, where the
+            resampled ROI blurs them.
         pool: ``flatten`` keeps the final feature map's layout (position information) for the
             head; ``avg`` pools it away.
         head_hidden, dropout: the shared hidden layer of the head.
-        allocentric: rotation relative to the ROI-centre ray (see the module docstring).
+        allocentric: rotation relative to the ROI-centre ray (:mod:`jtml.models.parameterisation`).
         depth_ref_mm: ``D`` of the depth parameterisation.
         inplane_weight, depth_weight, rotation_weight: loss weights.
         trap_aware_loss: rotation loss = min over the true rotation and its symmetric twin; True
@@ -194,6 +74,9 @@ class PoseModule(pl.LightningModule):
         monitor: what a ReduceLROnPlateau scheduler watches.
         channels_last: channels-last backbone (faster convolutions with bf16 autocast on CPUs
             with AMX/AVX512-BF16, and with AMP on GPUs). The head always runs in float32.
+        compile: ``torch.compile`` the network for fit/validate/test/predict: ``false`` (default),
+            ``true``, or ``torch.compile`` keyword arguments. Compiled in place, so checkpoints keep
+            their keys and load uncompiled.
     """
 
     def __init__(
@@ -220,8 +103,9 @@ class PoseModule(pl.LightningModule):
         scheduler_interval: Literal["epoch", "step"] | None = None,
         monitor: str = "val/loss",
         channels_last: bool = False,
+        compile: bool | dict[str, Any] = False,
     ) -> None:
-        super().__init__()
+        super().__init__(optimizer, lr_scheduler, monitor, scheduler_interval, channels_last, compile)
         self.save_hyperparameters()
         if input not in ("mask", "frame", "both"):
             raise JTMLError(f"input must be mask, frame or both, got {input!r}")
@@ -232,9 +116,6 @@ class PoseModule(pl.LightningModule):
         self.parts = [str(p) for p in parts]
         self.input = input
         self.roi_size, self.roi_margin = int(roi_size), float(roi_margin)
-        self.coord_channels, self.pool = bool(coord_channels), pool
-        self.shape_features = bool(shape_features)
-        self.channels_last = bool(channels_last)
         self.allocentric, self.depth_ref_mm = bool(allocentric), float(depth_ref_mm)
         self.weights = (float(inplane_weight), float(depth_weight), float(rotation_weight))
         if isinstance(trap_aware_loss, bool):
@@ -250,39 +131,19 @@ class PoseModule(pl.LightningModule):
             torch.tensor([p in trap_parts for p in self.parts], dtype=torch.bool),
             persistent=False,
         )
-        in_chans = (2 if input == "both" else 1) + (2 if coord_channels else 0)
-        try:
-            self.backbone = timm.create_model(
-                backbone,
-                pretrained=False,
-                in_chans=in_chans,
-                num_classes=0,
-                global_pool="",
-                **(backbone_kwargs or {}),
-            )
-        except (RuntimeError, ValueError, TypeError, KeyError) as e:
-            raise JTMLError(f"cannot build timm backbone {backbone!r}: {e}") from None
-        with torch.no_grad():
-            was_training = self.backbone.training
-            feat = self.backbone.eval()(torch.zeros(1, in_chans, self.roi_size, self.roi_size))
-            self.backbone.train(was_training)
-        if feat.ndim != 4:
-            raise JTMLError(
-                f"backbone {backbone!r} must return a feature map (B, C, H, W), got {tuple(feat.shape)}"
-            )
-        n_feat = feat[0].numel() if pool == "flatten" else feat.shape[1]
-        if shape_features:
-            n_feat += N_BBOX + (N_MOMENTS if input != "frame" else 0)
-        if self.channels_last:
-            self.backbone = self.backbone.to(memory_format=torch.channels_last)
-        self.neck = nn.Sequential(nn.Linear(n_feat, head_hidden), nn.ReLU(inplace=True), nn.Dropout(dropout))
-        self.head = nn.Linear(head_hidden, OUTPUTS * len(self.parts))
-        nn.init.zeros_(self.head.bias)
-        nn.init.normal_(self.head.weight, std=1e-3)
-        # Zero output = identity allocentric rotation, not the degenerate 6-D zero vector.
-        self.register_buffer("rot6d_bias", matrix_to_rot6d(torch.eye(3)), persistent=False)
-        self._optimizer_fn, self._scheduler_fn = optimizer, lr_scheduler
-        self.scheduler_interval, self.monitor = scheduler_interval, monitor
+        self.net = PoseNet(
+            len(self.parts),
+            input,
+            backbone,
+            backbone_kwargs,
+            self.roi_size,
+            coord_channels,
+            shape_features,
+            pool,
+            head_hidden,
+            dropout,
+            self.channels_last,
+        )
         self._vertices: dict[str, np.ndarray] = {}
         self.val_metrics = nn.ModuleDict({p: PoseError() for p in self.parts})
         self.test_metrics = nn.ModuleDict({p: PoseError() for p in self.parts})
@@ -340,34 +201,18 @@ class PoseModule(pl.LightningModule):
         part = torch.as_tensor(batch["part"], device=x.device) if "part" in batch else None
         return x, part, batch.get("roi_bbox")
 
+    @property
+    def network(self) -> PoseNet:
+        return self.net
+
     def forward(self, x: Tensor, part: Tensor, roi_bbox: Tensor | None = None) -> Tensor:
         """``(B, C, R, R)`` ROIs, part indices ``(B,)`` and (with ``shape_features``) the silhouette
         bboxes in ROI units ``(B, 4)`` → raw outputs ``(B, 9)``."""
-        if self.shape_features and roi_bbox is None:
-            raise JTMLError("this PoseModule uses shape_features: pass the batch's roi_bbox")
-        mask = x[:, -1:] if self.shape_features and self.input != "frame" else None  # mask: last channel
-        if self.coord_channels:
-            b, _, h, w = x.shape
-            ys = torch.linspace(-1.0, 1.0, h, device=x.device, dtype=x.dtype)
-            xs = torch.linspace(-1.0, 1.0, w, device=x.device, dtype=x.dtype)
-            grid = torch.stack(torch.meshgrid(ys, xs, indexing="ij"))[None].expand(b, 2, h, w)
-            x = torch.cat([x, grid], dim=1)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        feat = self.backbone(x)
-        feat = feat.flatten(1) if self.pool == "flatten" else feat.mean(dim=(2, 3))
-        # The head runs in float32 even under bf16 autocast: its outputs need ~1e-3 precision.
-        with torch.autocast(x.device.type, enabled=False):
-            feat = feat.float()
-            if self.shape_features:
-                extra = [roi_bbox.float()] + ([shape_moments(mask.float())] if mask is not None else [])
-                feat = torch.cat([feat, *extra], dim=1)
-            out = self.head(self.neck(feat)).view(len(x), len(self.parts), OUTPUTS)
-        return out[torch.arange(len(x), device=x.device), part.long()]
+        return self.net(x, part, roi_bbox)
 
     def split_outputs(self, out: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Raw ``(B, 9)`` → ``offset`` (B, 2), ``log_depth`` (B,), allocentric rotation (B, 3, 3)."""
-        return out[:, :2], out[:, 2], rot6d_to_matrix(out[:, 3:9] + self.rot6d_bias.to(out))
+        return self.net.split_outputs(out)
 
     def decode(self, out: Tensor, batch: Mapping[str, Any]) -> Tensor:
         """Raw outputs → JointTrack pose rows (B, 6) float64; NaN rows where the ROI is invalid."""
@@ -459,7 +304,7 @@ class PoseModule(pl.LightningModule):
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         """``pose`` (B, 6) float64 (NaN: no silhouette), ``part`` names, ``study``, ``frame``,
-        ``frame_pos``, ``n_frames`` — what :class:`jtml.callbacks_pose.PosePredictionWriter` needs."""
+        ``frame_pos``, ``n_frames`` — what :class:`jtml.callbacks.pose.PosePredictionWriter` needs."""
         pose = self.decode(self(*self.inputs(batch)), batch).cpu()
         return {
             "pose": pose,
@@ -482,7 +327,7 @@ class PoseModule(pl.LightningModule):
         """The ``(6,)`` JointTrack pose of ``part`` from its binary mask (H, W) and the calibration
         of that frame size (or a :class:`Camera`); NaN when the mask is empty. ``frame`` is needed
         (and only allowed) for frame/both models."""
-        from jtml.data.pose import make_sample
+        from jtml.geometry.roi import make_sample
 
         if part is None:
             if len(self.parts) != 1:
@@ -523,26 +368,20 @@ class PoseModule(pl.LightningModule):
         self.train(was_training)
         return self.decode(out, batch)[0].cpu().numpy()
 
-    # -- optimisation and checkpoints --------------------------------------------------------------
-    def configure_optimizers(self) -> Any:
-        optimizer = self._optimizer_fn(self.parameters())
-        if self._scheduler_fn is None:
-            return optimizer
-        # the schedule's length follows the trainer unless the config gives it (jtml.models.schedules)
-        config = scheduler_config(
-            self._scheduler_fn, optimizer, self._trainer, self.scheduler_interval, monitor=self.monitor
-        )
-        return {"optimizer": optimizer, "lr_scheduler": config}
-
-    def on_train_start(self) -> None:
-        check_restored_lengths(self.trainer)  # a resumed checkpoint's schedule must cover this run
-
+    # -- checkpoints -------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        loadable_hparams(checkpoint, self.CHECKPOINT_HYPER_PARAMS_KEY)  # torch.load(weights_only=True)
+        super().on_save_checkpoint(checkpoint)
         # Vertices ride along so a loaded model reports mTRE without the STL files.
         checkpoint["jtml_vertices"] = {p: torch.from_numpy(v) for p, v in self._vertices.items()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Lightning calls this before load_state_dict, both in load_from_checkpoint and when a fit
+        # resumes: checkpoints written before the network was a PoseNet name its weights without
+        # the ``net.`` prefix. The parameter order is unchanged, so their optimizer state fits too.
+        state = checkpoint.get("state_dict")
+        if isinstance(state, dict):
+            for key in [k for k in state if k.startswith(_NET_PREFIXES)]:
+                state[f"net.{key}"] = state.pop(key)  # in place: callers hold this dict
         # The data's models (set in setup) win; the checkpoint's serve a model loaded on its own.
         vertices = checkpoint.get("jtml_vertices") or {}
         if vertices and not self._vertices:

@@ -1,13 +1,17 @@
-"""Segmentation samples from index rows: frame → network size → (invert) → augment → normalise.
+"""Segmentation data: :class:`FluoroSegDataset` (one frame and its part masks per index row) and
+:class:`FluoroSegDataModule` (index CSV, study folders or a synthetic study → train/val/test/predict
+DataLoaders; sources and splits as in :mod:`jtml.data.base`).
 
-Geometry comes first so augmentation runs at the network size (cheap at 256², and the lab
-recipe, chosen for 1024² frames, means ``image_size: 1024``). Normalisation comes last so
-intensity augmentations see the stored value range (uint8 0–255, 16-bit frames as float 0–1).
+A sample goes frame → network size → (invert) → augment → normalise. Geometry comes first so
+augmentation runs at the network size (cheap at 256², and the lab recipe, chosen for 1024² frames,
+means ``image_size: 1024``). Normalisation comes last so intensity augmentations see the stored
+value range (uint8 0–255, 16-bit frames as float 0–1).
 """
 
 from __future__ import annotations
 
 import functools
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -16,8 +20,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from jtml.data.index import IndexRow
+from jtml.data.base import STAGE_SPLITS, FluoroDataModule
+from jtml.data.index import SPLITS, IndexRow, validate_files
 from jtml.data.loaders import EpochSeeded
+from jtml.data.transforms import build_transforms
 from jtml.errors import JTMLError
 from jtml.io import read_calibration, read_image
 
@@ -196,3 +202,128 @@ class FluoroSegDataset(EpochSeeded, Dataset):
                 np.greater(mask[..., c], 0, out=m[c])
             sample["mask"] = torch.from_numpy(m)
         return sample
+
+
+class FluoroSegDataModule(FluoroDataModule):
+    """Femoral/tibial implant segmentation data for Lightning (sources: :mod:`jtml.data.base`).
+
+    Batches are dicts: ``image`` (B, 1, S, S) float32, ``mask`` (B, P, S, S) float32 {0, 1} with
+    channels in ``parts`` order, ``pixel_size`` (B,) mm per network pixel, ``frame`` and
+    ``study`` (lists of str), ``index`` (B,) int64 (position in that stage's dataset:
+    ``dm.val_dataset.rows[i]`` is the row). Only the train set is augmented
+    (``train_transforms``: ``"lab"``, ``"lab_exact"``, ``"none"`` or a list, see
+    :mod:`jtml.data.transforms`; the lab recipe is scaled to ``image_size``). The files of the
+    splits a stage needs are validated once, all problems reported in one error.
+    ``predict_split`` picks the predict rows (``"all"`` for every row); predict needs no masks.
+    Its default is ``test``: the held-out frames, whose predictions say how the model does on
+    frames it never trained on (the pose DataModule's is ``all``, for complete pose files).
+    """
+
+    def __init__(
+        self,
+        index: str | None = None,
+        studies: list[str] | None = None,
+        parts: list[str] = ["fem", "tib"],  # noqa: B006  (copied below; a literal default reads well in --help)
+        image_size: int = 1024,
+        resize_mode: Literal["resize", "crop"] = "resize",
+        normalize: Literal["minmax", "meanstd", "none"] = "minmax",
+        mean: float = IMAGENET_GRAY_MEAN,
+        std: float = IMAGENET_GRAY_STD,
+        invert: bool = False,
+        train_transforms: str | list[dict[str, Any] | str] | None = "lab",
+        batch_size: int = 4,
+        num_workers: int = 2,
+        pin_memory: bool | None = None,
+        persistent_workers: bool = True,
+        val_fraction: float = 0.2,
+        test_fraction: float = 0.1,
+        split_seed: int = 0,
+        split_by: Literal["study", "frame"] | None = None,
+        predict_split: Literal["train", "val", "test", "all"] = "test",
+        synthetic: dict[str, Any] | None = None,
+    ) -> None:
+        """``pin_memory=None``: on when CUDA is available. ``split_by=None``: by study, or by frame
+        for a single study. ``persistent_workers`` only applies with ``num_workers > 0``."""
+        if index is None and not studies and not synthetic:
+            raise JTMLError("no data: give an index CSV, study folders or a synthetic study")
+        if resize_mode not in RESIZE_MODES or normalize not in NORMALIZE:
+            raise JTMLError(
+                f"resize_mode must be one of {RESIZE_MODES} and normalize one of {NORMALIZE}, "
+                f"got {resize_mode!r} and {normalize!r}"
+            )
+        super().__init__(
+            parts=parts,
+            index=index,
+            studies=studies,
+            synthetic=synthetic,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=persistent_workers,
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+            split_seed=split_seed,
+            split_by=split_by,
+            predict_split=predict_split,
+        )
+        self.save_hyperparameters()
+        self.image_size = int(image_size)
+        self.resize_mode = resize_mode
+        self.normalize = normalize
+        self.mean, self.std = float(mean), float(std)
+        self.invert = bool(invert)
+        # Built now so a bad YAML list fails before any training starts.
+        self.train_transform = build_transforms(
+            train_transforms, image_size=self.image_size, where="train_transforms"
+        )
+        self._validated: dict[str, bool] = {}  # split -> its masks were checked too
+
+    # ---------------------------------------------------------------- Lightning hooks
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the datasets ``stage`` needs (None: train, val and, if any, test).
+
+        Raises a :class:`JTMLError` when a needed split is empty, or listing every missing or
+        mismatched file of the splits not validated before (each file is checked once).
+        """
+        rows = self._load_rows()
+        counts = Counter(r.split for r in rows)
+        if stage == "predict":
+            splits = list(SPLITS) if self.predict_split == "all" else [self.predict_split]
+            required, need_masks = ([] if self.predict_split == "all" else splits), False
+        else:
+            required = list(STAGE_SPLITS.get(stage, STAGE_SPLITS["fit"]))
+            splits = required + (["test"] if stage is None and counts.get("test") else [])
+            need_masks = True
+        for split in required:
+            if not counts.get(split):
+                raise self.empty_split_error(split, needed_by=stage or "setup")
+        todo = [s for s in splits if s not in self._validated or (need_masks and not self._validated[s])]
+        if todo:
+            # One pass over every file not yet checked, so all problems come out in one error.
+            validate_files([r for r in rows if r.split in todo], self.parts, need_masks, self.source)
+            self._validated.update({s: need_masks or self._validated.get(s, False) for s in todo})
+        common: dict[str, Any] = dict(
+            parts=self.parts,
+            image_size=self.image_size,
+            resize_mode=self.resize_mode,
+            normalize=self.normalize,
+            invert=self.invert,
+            mean=self.mean,
+            std=self.std,
+        )
+        if stage == "predict":
+            self.predict_dataset = FluoroSegDataset(self.split_rows(self.predict_split), masks=None, **common)
+            return
+        if "train" in splits:
+            self.train_dataset = FluoroSegDataset(
+                self.split_rows("train"),
+                transform=self.train_transform,
+                masks=True,
+                random_crop=True,
+                **common,
+            )
+        if "val" in splits:
+            self.val_dataset = FluoroSegDataset(self.split_rows("val"), masks=True, **common)
+        if "test" in splits:
+            self.test_dataset = FluoroSegDataset(self.split_rows("test"), masks=True, **common)

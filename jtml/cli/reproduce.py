@@ -22,7 +22,8 @@ from typing import Any
 import yaml
 
 from jtml.errors import JTMLError
-from jtml.runs import CONFIG, RUN_RECORD, compare_data
+from jtml.runs.digests import compare_data
+from jtml.runs.records import CONFIG, RUN_RECORD
 
 LIGHTNING = ("fit", "validate", "test", "predict")
 
@@ -86,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         config_file = Path(tmp) / f"{run_dir.parent.name}.yaml"
         argv = command_line(run_dir, config_file)
         config_file.write_text(yaml.safe_dump(_scrub(config, run_dir, argv[0]), sort_keys=False))
-        from jtml.lightning_cli import JTMLCLI, run_lightning
+        from jtml.cli.lightning import JTMLCLI, run_lightning
 
         code = run_lightning(
             argv[0],

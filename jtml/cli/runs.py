@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from jtml.errors import JTMLError
 from jtml.io.atomic import atomic_write
-from jtml.runs import RunInfo, config_differences, find_run_dirs, read_run
+from jtml.runs.records import RunInfo, config_differences, find_run_dirs, read_run
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -15,7 +15,6 @@ as ``<part>_network.jts``, so the rule can be audited.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -23,83 +22,19 @@ from typing import Any, Literal
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_info
 
-from jtml.callbacks_predict import PredictionFolderWriter
-from jtml.geometry import euler312_to_matrix, matrix_to_euler312, symmetric_twin
+from jtml.callbacks.predict import PredictionFolderWriter
+from jtml.geometry.knee import resolve_tibia_twin
 from jtml.io import write_poses
 
-__all__ = ["CPUThreads", "PosePredictionWriter", "resolve_tibia_twin", "varus_valgus"]
-
-
-def varus_valgus(femur: np.ndarray, tibia: np.ndarray) -> np.ndarray:
-    """``(N,)`` varus–valgus angle (°) of the tibia relative to the femur: the ``x_rot`` of the
-    312 decomposition of ``R_femᵀ·R_tib`` = ``Rz(flexion)·Rx(varus–valgus)·Ry(axial rotation)``
-    in the lab's implant frames (x anterior–posterior, y proximal–distal, z medio-lateral)."""
-    R_f = euler312_to_matrix(np.asarray(femur, dtype=np.float64).reshape(-1, 6)[:, 3:])
-    R_t = euler312_to_matrix(np.asarray(tibia, dtype=np.float64).reshape(-1, 6)[:, 3:])
-    return matrix_to_euler312(R_f.transpose(-1, -2) @ R_t)[:, 1].numpy()
-
-
-def resolve_tibia_twin(femur: np.ndarray, tibia: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """JointTrack's answer to the symmetric trap: per frame, the tibia pose or its symmetric twin,
-    whichever has the smaller ``|varus–valgus|`` relative to the femur. Returns the chosen ``(N, 6)``
-    tibia poses and a bool ``(N,)`` that is True where the twin was chosen; frames missing either
-    pose (NaN rows) are left as they are."""
-    femur = np.asarray(femur, dtype=np.float64).reshape(-1, 6)
-    tibia = np.asarray(tibia, dtype=np.float64).reshape(-1, 6)
-    ok = np.isfinite(femur).all(axis=1) & np.isfinite(tibia).all(axis=1)
-    out, flip = tibia.copy(), np.zeros(len(tibia), dtype=bool)
-    if ok.any():
-        twin = symmetric_twin(tibia[ok]).numpy()
-        keep = np.abs(varus_valgus(femur[ok], tibia[ok]))
-        swap = np.abs(varus_valgus(femur[ok], twin)) < keep
-        out[np.flatnonzero(ok)[swap]] = twin[swap]
-        flip[np.flatnonzero(ok)[swap]] = True
-    return out, flip
-
-
-class CPUThreads(pl.Callback):
-    """Set torch's intra-op CPU threads for a CPU run: ``num_threads``, or by default the cores
-    left after the DataLoader workers (at least 1).
-
-    Why: PyTorch's OpenMP threads spin at every barrier. When they share the cores with the data
-    workers (or other jobs), a thread that loses its core stalls all others — on a 2-core machine
-    with one worker, 2 threads trained 3–8× slower than 1 in our measurements.
-    """
-
-    def __init__(self, num_threads: int | None = None) -> None:
-        super().__init__()
-        if num_threads is not None and num_threads < 1:
-            raise ValueError(f"num_threads must be >= 1, got {num_threads}")
-        self.num_threads = num_threads
-        self._previous: int | None = None
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if pl_module.device.type != "cpu":
-            return
-        n = self.num_threads
-        if n is None:
-            workers = int(getattr(trainer.datamodule, "num_workers", 0) or 0) if trainer.datamodule else 0
-            n = max(1, (os.cpu_count() or 1) - workers)
-        self._previous = torch.get_num_threads()
-        torch.set_num_threads(n)
-        rank_zero_info(f"torch CPU threads: {n}")
-
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Give the process its thread count back: a later run in the same process (a notebook,
-        the test suite) must not inherit this run's set-up, or it would not reproduce its own
-        stand-alone results (thread count changes the float summation order)."""
-        if self._previous is not None:
-            torch.set_num_threads(self._previous)
-            self._previous = None
+__all__ = ["PosePredictionWriter"]
 
 
 class PosePredictionWriter(PredictionFolderWriter):
     """Collects :meth:`PoseModule.predict_step` outputs and writes one pose file per study and part.
 
     ``out_dir``, ``overwrite``: as every prediction writer
-    (:class:`jtml.callbacks_predict.PredictionFolderWriter`): default ``<run dir>/predictions``
+    (:class:`jtml.callbacks.predict.PredictionFolderWriter`): default ``<run dir>/predictions``
     (the trainer's ``default_root_dir``, which ``jtml predict`` sets to the run's directory); a
     non-empty folder is refused unless ``overwrite``. ``trap_rule``: ``varus_valgus`` resolves the
     tibia's symmetric twin as JointTrack does (module docstring; ``femur``/``tibia`` name the parts),

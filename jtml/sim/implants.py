@@ -117,7 +117,7 @@ def femoral_component(path_points: int = 64, ring_points: int = 20) -> trimesh.T
         peg.apply_transform(trimesh.transformations.rotation_matrix(np.pi / 2, (1.0, 0.0, 0.0)))
         peg.apply_translation((-17.0, -8.0, z))
         parts.append(peg)
-    return _concatenate(parts)
+    return trimesh.util.concatenate(parts)
 
 
 def _tray_outline(n: int) -> np.ndarray:
@@ -154,16 +154,7 @@ def tibial_component(ring_points: int = 96) -> trimesh.Trimesh:
         for y, h in zip(ys, half_z, strict=True)
     ]
     parts.append(_loft(np.stack(fins)))
-    return _concatenate(parts)
-
-
-def _concatenate(parts: list[trimesh.Trimesh]) -> trimesh.Trimesh:
-    verts, faces, offset = [], [], 0
-    for p in parts:
-        verts.append(np.asarray(p.vertices, dtype=np.float64))
-        faces.append(np.asarray(p.faces, dtype=np.int64) + offset)
-        offset += len(p.vertices)
-    return trimesh.Trimesh(np.concatenate(verts), np.concatenate(faces), process=False)
+    return trimesh.util.concatenate(parts)
 
 
 def procedural_models() -> dict[str, trimesh.Trimesh]:

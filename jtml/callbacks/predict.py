@@ -4,7 +4,7 @@
 batch, so memory stays flat however many frames there are). The segmentation experiment YAMLs
 list it under ``trainer.callbacks`` (it acts in ``predict`` only)::
 
-    - class_path: jtml.callbacks_predict.SegmentationPredictionWriter
+    - class_path: jtml.callbacks.predict.SegmentationPredictionWriter
 
 so that::
 
@@ -15,7 +15,7 @@ writes every frame of those folders (``out_dir`` null: the predict run's ``predi
 ``--trainer.callbacks.init_args.overwrite true`` to write into a non-empty folder). The data
 settings — ``image_size``, ``normalize``, ``invert`` — must be those the checkpoint was trained
 with, i.e. the same experiment YAML and overrides. For a YAML without it, append it on the
-command line: ``--trainer.callbacks+=jtml.callbacks_predict.SegmentationPredictionWriter``.
+command line: ``--trainer.callbacks+=jtml.callbacks.predict.SegmentationPredictionWriter``.
 
 Output, for every predicted frame (``<frame>`` is the frame file's stem):
 
@@ -33,7 +33,7 @@ is refused (one ``error:`` line naming it, exit 2) before anything is predicted,
 unreadable frame stops the run with one ``error:`` line naming the file (the dataset's JTMLError).
 
 :class:`PredictionFolderWriter` is the contract this writer shares with
-:class:`jtml.callbacks_pose.PosePredictionWriter`: ``out_dir`` and ``overwrite`` as above, and its
+:class:`jtml.callbacks.pose.PosePredictionWriter`: ``out_dir`` and ``overwrite`` as above, and its
 messages go to stderr, so that ``jtml predict``'s stdout is the JSON summary alone.
 """
 
@@ -101,7 +101,7 @@ def masks_to_frame(
 ) -> np.ndarray:
     """Network-size probabilities (P,S,S) → uint8 {0,1} masks (P,H,W) on the original frame.
 
-    Undoes :class:`jtml.data.datasets.FluoroSegDataset`'s geometry: ``"resize"`` padded the frame
+    Undoes :class:`jtml.data.segmentation.FluoroSegDataset`'s geometry: ``"resize"`` padded the frame
     (centred) to a square and resized it to S; ``"crop"`` took the centred S×S window of the frame
     (zero-padded when smaller).
     """

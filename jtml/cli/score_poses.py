@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from jtml.commands.labels import parse_part_paths
+from jtml.cli.labels import parse_part_paths
 from jtml.errors import JTMLError
 from jtml.geometry import Camera, project_mesh
 from jtml.io import read_calibration, read_poses, read_stl

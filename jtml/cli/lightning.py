@@ -32,34 +32,26 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.callbacks import BasePredictionWriter, ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
-from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from pytorch_lightning.trainer.states import TrainerStatus
 
-from jtml.cli_links import add_links, check_checkpoint
+from jtml._moved import is_subclass, same_class
+from jtml.cli.links import add_links, check_checkpoint, class_path, follow_checkpoint_data, given
+from jtml.data.segmentation import FluoroSegDataModule
 from jtml.errors import JTMLError
 from jtml.io import atomic_write
-from jtml.provenance import git_info, package_versions
-from jtml.runs import (
-    DATA_FILES,
+from jtml.runs.checkpoints import (
     AtomicCheckpointIO,
     LastCheckpointEveryEpoch,
     checkpoint_class_path,
-    data_file_digests,
-    data_fingerprint,
     latest_resumable_run,
-    wandb_run_id,
-    write_data_digests,
 )
+from jtml.runs.digests import DATA_FILES, data_file_digests, data_fingerprint, write_data_digests
+from jtml.runs.provenance import git_info, package_versions
+from jtml.runs.records import RUN_RECORD, wandb_run_id
 
-RUN_RECORD = "run.json"
 # Data settings a trained model depends on: `validate/test/predict --ckpt_path` take them from the
 # checkpoint's DataModule unless the command line gives them (a contradiction is an error).
-MODEL_DATA_KEYS = ("parts", "input", "image_size", "resize_mode", "normalize", "mean", "std", "invert",
-                   "roi_size", "roi_margin")  # fmt: skip
-
-
-def _class_path(node: Any) -> str:
-    return str(getattr(node, "class_path", "") or "") if isinstance(node, Namespace) else ""
 
 
 def _jsonable(metrics: dict[str, Any]) -> dict[str, float]:
@@ -131,7 +123,7 @@ class JTMLCLI(LightningCLI):
         self._resumed = self._resolve_ckpt_path(cfg, str(self.config.get("subcommand")), _experiment_dir(cfg))
         # also before: LightningCLI re-parses the checkpoint's model hyper-parameters, re-running the
         # data -> model links with whatever data settings the config holds by then
-        _follow_checkpoint_data(cfg, self._argv)
+        follow_checkpoint_data(cfg, self._argv)
         check_checkpoint(cfg)
 
     # -- run directory -------------------------------------------------------------------------
@@ -155,20 +147,20 @@ class JTMLCLI(LightningCLI):
         cfg.trainer.default_root_dir = str(self.run_dir)
         loggers = cfg.trainer.get("logger")
         for node in loggers if isinstance(loggers, list) else [loggers]:
-            path = _class_path(node)
-            if path.endswith("WandbLogger"):
+            path = class_path(node)
+            if is_subclass(path, WandbLogger):
                 node.init_args.save_dir = str(self.run_dir)
                 if resumed is not None and wandb_run_id(resumed):  # the same W&B run, continued
                     node.init_args.id = wandb_run_id(resumed)
                     node.init_args.resume = "allow"
                 if not node.init_args.get("job_type"):
                     node.init_args.job_type = self.subcommand
-            elif path.endswith(("CSVLogger", "TensorBoardLogger")):
+            elif is_subclass(path, (CSVLogger, TensorBoardLogger)):
                 node.init_args.save_dir = str(self.run_dir)
                 node.init_args.name = node.init_args.get("name") or "csv"
                 node.init_args.version = ""
         for node in cfg.trainer.get("callbacks") or []:
-            if _class_path(node).endswith("ModelCheckpoint") and not node.init_args.get("dirpath"):
+            if is_subclass(class_path(node), ModelCheckpoint) and not node.init_args.get("dirpath"):
                 node.init_args.dirpath = str(self.run_dir / "checkpoints")
 
     def _resolve_ckpt_path(self, cfg: Namespace, subcommand: str, experiment_dir: Path) -> Path | None:
@@ -194,9 +186,9 @@ class JTMLCLI(LightningCLI):
             return resumed
         if not Path(ckpt_path).is_file():
             raise JTMLError("checkpoint (--ckpt_path) not found", ckpt_path)
-        expected = _class_path(cfg.get("model"))
+        expected = class_path(cfg.get("model"))
         found_class = checkpoint_class_path(Path(ckpt_path))
-        if expected and found_class and found_class != expected:
+        if expected and found_class and not same_class(found_class, expected):
             raise JTMLError(f"checkpoint of a {found_class}, but the config's model is {expected}", ckpt_path)
         return resumed
 
@@ -310,8 +302,7 @@ def _predict_on_command_line_studies(cfg: Namespace, argv: list[str]) -> None:
     those folders (every frame): the experiment's own data (its synthetic study, index or split)
     is what it trained on, not what the command line asks about."""
     data = cfg.get("data")
-    given = any(a.split("=", 1)[0] in ("--data.init_args.studies", "--data.studies") for a in argv)
-    if not given or not _class_path(data).endswith("FluoroSegDataModule"):
+    if not given(argv, "studies") or not is_subclass(class_path(data), FluoroSegDataModule):
         return
     args = data.init_args
     dropped = [k for k in ("synthetic", "index") if args.get(k)]
@@ -321,51 +312,6 @@ def _predict_on_command_line_studies(cfg: Namespace, argv: list[str]) -> None:
             f"jtml: predicting on the given studies only (not the experiment's {', '.join(dropped)})",
             file=sys.stderr,
         )
-
-
-def _given(argv: list[str], key: str) -> bool:
-    """Whether ``--data.init_args.<key>`` (or ``--data.<key>``) is on the command line."""
-    names = (f"--data.init_args.{key}", f"--data.{key}")
-    return any(a.split("=", 1)[0] in names for a in argv)
-
-
-def _follow_checkpoint_data(cfg: Namespace, argv: list[str]) -> None:
-    """With ``--ckpt_path FILE``: the data settings the model was trained with (``MODEL_DATA_KEYS``,
-    from the checkpoint's DataModule hyper-parameters) replace the YAML's, so a checkpoint trained
-    at 128 px is not silently evaluated at 512; the same key given on the command line with
-    another value is an error."""
-    ckpt_path, data = cfg.get("ckpt_path"), cfg.get("data")
-    if not ckpt_path or not Path(str(ckpt_path)).is_file() or not _class_path(data):
-        return
-    import torch
-
-    ckpt = torch.load(str(ckpt_path), map_location="cpu", weights_only=False, mmap=True)
-    trained = ckpt.get("datamodule_hyper_parameters") if isinstance(ckpt, dict) else None
-    if not isinstance(trained, dict) or trained.get("_class_path", _class_path(data)) != _class_path(data):
-        return
-    args = data.init_args
-    for key in MODEL_DATA_KEYS:
-        if key not in trained or key not in args:
-            continue
-        was, now = trained[key], args[key]
-        if _same_value(was, now):
-            continue
-        if _given(argv, key):
-            raise JTMLError(
-                f"--data.init_args.{key} {now!r} contradicts the checkpoint's {key} {was!r} (the model "
-                "was trained with it); leave it out to use the checkpoint's",
-                ckpt_path,
-            )
-        print(f"jtml: data {key} {was!r} from the checkpoint (the config says {now!r})", file=sys.stderr)
-        args[key] = list(was) if isinstance(was, (list, tuple)) else was
-
-
-def _same_value(a: Any, b: Any) -> bool:
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return list(a) == list(b)
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
-        return float(a) == float(b)
-    return a == b
 
 
 def _failed_children(trainer: pl.Trainer, timeout: float = 300.0) -> str | None:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from jtml.commands.labels import parse_part_paths
-from jtml.data.synth import PARTS, REFERENCE_SIZE, generate_study
+from jtml.cli.labels import parse_part_paths
+from jtml.sim.synth import PARTS, REFERENCE_SIZE, generate_study
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

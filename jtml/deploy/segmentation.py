@@ -1,6 +1,6 @@
 """Export a trained :class:`~jtml.models.segmentation.SegmentationModule` checkpoint for the JTML app.
 
-The exported model (:class:`JTMLAppModel`) follows the app's input contract, so the app needs no
+The exported segmentation model (:class:`JTMLAppModel`) follows the app's input contract, so the app needs no
 knowledge of how the network was trained:
 
 - **input**: one tensor ``1 × 1 × H × W`` float32, RAW intensities 0–255 (no scaling, no
@@ -18,7 +18,7 @@ only size the network ever sees. With ``resize_mode: crop`` the network runs at 
 ``size``; any other frame is refused with a message saying so. The ONNX export is traced for
 ``size × size`` frames only (the graph's input shape is fixed, so ONNX Runtime refuses any other).
 
-Inside, the wrapper reproduces :class:`jtml.data.datasets.FluoroSegDataset`'s preprocessing with the
+Inside, the wrapper reproduces :class:`jtml.data.segmentation.FluoroSegDataset`'s preprocessing with the
 training datamodule's settings, read from the checkpoint's ``datamodule_hyper_parameters`` (written
 by ``jtml fit``; a checkpoint without them gets the :class:`FluoroSegDataModule` defaults, with a
 warning): back to the stored frame ``255 − x``; zero-padding (centred) to a square when H ≠ W; resize
@@ -34,8 +34,8 @@ resolution (H and W must then be divisible by ``2**encoder_depth``).
 
 Formats: TorchScript (``torch.jit.script`` around a traced network, saved with ``torch.jit.save``;
 load with ``torch.jit.load``) and ONNX (``torch.onnx.export``, opset 17, only when the ``onnx``
-package is installed). Files are written atomically. Any other checkpoint (a pose model, a file without
-segmentation hyper-parameters, not a checkpoint at all) is one :class:`JTMLError` naming the file.
+package is installed). Files are written atomically. Any other checkpoint (neither kind, a file without
+their hyper-parameters, not a checkpoint at all) is one :class:`JTMLError` naming the file.
 """
 
 from __future__ import annotations
@@ -50,13 +50,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from jtml.deploy.files import FORMATS, check_target, checkpoint_class, load_module, read_checkpoint
 from jtml.errors import JTMLError
 from jtml.io import atomic_write
+from jtml.models.segmentation import SegmentationModule
 
-__all__ = ["FORMATS", "JTMLAppModel", "export_segmentation", "load_segmentation_checkpoint", "preprocessing"]
+__all__ = [
+    "FORMATS",
+    "JTMLAppModel",
+    "export_segmentation",
+    "load_segmentation_checkpoint",
+    "preprocessing",
+]
 
-FORMATS = ("torchscript", "onnx")
-_SEG_KEYS = ("parts", "arch", "encoder_name")
 _PREPROCESSING_KEYS = ("image_size", "resize_mode", "normalize", "mean", "std", "invert")
 
 
@@ -64,7 +70,7 @@ def preprocessing(datamodule_hparams: Mapping[str, Any] | None) -> dict[str, Any
     """The datamodule settings the wrapper reproduces (FluoroSegDataModule's defaults where missing)."""
     import inspect
 
-    from jtml.data.datamodule import FluoroSegDataModule  # lazy: data imports albumentations
+    from jtml.data.segmentation import FluoroSegDataModule  # lazy: data imports albumentations
 
     defaults = {
         k: p.default
@@ -169,31 +175,10 @@ class JTMLAppModel(nn.Module):
 
 def load_segmentation_checkpoint(ckpt_path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     """``(SegmentationModule in eval mode on the CPU, preprocessing settings)``; JTMLError names the file."""
-    from jtml.models.segmentation import SegmentationModule
-
     path = Path(ckpt_path)
-    if not path.is_file():
-        raise JTMLError("checkpoint not found", path)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # not a torch file, truncated, or holding arbitrary Python objects
-        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
-        raise JTMLError(f"not a readable Lightning checkpoint ({type(e).__name__}: {first})", path) from None
-    if not isinstance(ckpt, Mapping) or "state_dict" not in ckpt:
-        raise JTMLError("not a Lightning checkpoint (no state_dict)", path)
-    hp = ckpt.get("hyper_parameters")
-    class_path = str(hp.get("_class_path", "")) if isinstance(hp, Mapping) else ""
-    if (
-        not isinstance(hp, Mapping)
-        or any(k not in hp for k in _SEG_KEYS)
-        or (class_path and not class_path.endswith("SegmentationModule"))
-    ):
-        found = class_path or (f"hyper-parameters {sorted(hp)[:8]}" if isinstance(hp, Mapping) else "none")
-        raise JTMLError(
-            f"not a segmentation checkpoint (SegmentationModule hyper-parameters "
-            f"{', '.join(_SEG_KEYS)}); found {found}",
-            path,
-        )
+    ckpt = read_checkpoint(path)
+    if not issubclass(checkpoint_class(ckpt, path), SegmentationModule):
+        raise JTMLError("a pose checkpoint, not a segmentation one", path)
     dm_hp = ckpt.get("datamodule_hyper_parameters")
     if not isinstance(dm_hp, Mapping):
         warnings.warn(
@@ -202,13 +187,7 @@ def load_segmentation_checkpoint(ckpt_path: str | os.PathLike) -> tuple[nn.Modul
             stacklevel=2,
         )
         dm_hp = None
-    try:
-        module = SegmentationModule.load_from_checkpoint(path, map_location="cpu")
-    except JTMLError as e:
-        raise JTMLError(e.message, path) from None
-    except Exception as e:
-        raise JTMLError(f"cannot load the segmentation model ({type(e).__name__}: {e})", path) from None
-    return module.eval(), preprocessing(dm_hp)
+    return load_module(SegmentationModule, path), preprocessing(dm_hp)
 
 
 def app_model(ckpt_path: str | os.PathLike) -> JTMLAppModel:
@@ -254,21 +233,9 @@ def export_segmentation(
     ``H × W`` are accepted: TorchScript with ``resize_mode: resize``), ``parts`` and the
     preprocessing settings baked in.
     """
-    if fmt not in FORMATS:
-        raise JTMLError(f"unknown export format {fmt!r}; choose from {FORMATS}")
+    out = check_target(fmt, out)
     if int(size) < 8:
         raise JTMLError(f"size must be at least 8, got {size}")
-    out = Path(out)
-    if out.is_dir():
-        raise JTMLError("export target is a folder; give a file name", out)
-    if fmt == "onnx":
-        try:
-            import onnx  # noqa: F401  (torch.onnx.export needs it)
-        except ImportError:
-            raise JTMLError(
-                "ONNX export needs the 'onnx' package, which is not installed; install onnx (and "
-                "onnxruntime to run it) or use --format torchscript"
-            ) from None
     model = app_model(ckpt_path)
     parts = list(model.parts)
     example = torch.zeros(1, 1, int(size), int(size))

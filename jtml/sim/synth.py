@@ -1,7 +1,7 @@
 """Synthetic studies: fluoroscopy-like frames of a knee replacement with exact labels and poses.
 
 :func:`generate_study` writes a study in exactly the on-disk layout of a real one (see
-:mod:`jtml.data.study`), so everything that reads real studies reads synthetic ones::
+:mod:`jtml.io.study`), so everything that reads real studies reads synthetic ones::
 
     OUT/synth_0000.tif ...                     frames, uint8 grayscale, LZW TIFF
     OUT/Labels/<part>/<frame>_label_<part>.tif masks, uint8 {0, 255}
@@ -30,19 +30,16 @@ from __future__ import annotations
 
 import shutil
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
-import torch
-import trimesh
 from tqdm import tqdm
 
-from jtml.data.implants import procedural_models
-from jtml.data.study import CALIBRATION_NAME, label_path
 from jtml.errors import JTMLError
-from jtml.geometry import Camera, SilhouetteRenderer, euler312_to_matrix, matrix_to_pose
+from jtml.geometry import Camera, SilhouetteRenderer, euler312_to_matrix
+from jtml.geometry.knee import KneeGeometry, KneePose, sample_knee
+from jtml.geometry.render import project_mesh
 from jtml.io import (
     Calibration,
     list_images,
@@ -55,6 +52,8 @@ from jtml.io import (
     write_poses,
     write_stl,
 )
+from jtml.io.study import CALIBRATION_NAME, label_path
+from jtml.sim.implants import procedural_models
 
 PARTS = ("fem", "tib")
 FRAME_PREFIX = "synth"
@@ -77,113 +76,6 @@ def scaled_calibration(calib: Calibration, size: int) -> Calibration:
 # --------------------------------------------------------------------------------------------
 # Poses
 # --------------------------------------------------------------------------------------------
-
-
-def _rot(z_rot: float, x_rot: float, y_rot: float) -> np.ndarray:
-    """``Rz · Rx · Ry`` (degrees), JointTrack's order."""
-    return euler312_to_matrix(np.array([z_rot, x_rot, y_rot], dtype=np.float64)).numpy()
-
-
-@dataclass(frozen=True)
-class KneeGeometry:
-    """Where the joint is, read off the models' bounds (model frames as the lab's STLs).
-
-    ``centre``: the femoral flexion centre (femur frame), ``radius``: the condyles' radius about
-    it, ``tray_top``: the centre of the tibial tray's top (tibia frame).
-    """
-
-    centre: np.ndarray
-    radius: float
-    tray_top: np.ndarray
-
-    @classmethod
-    def from_models(cls, fem: trimesh.Trimesh, tib: trimesh.Trimesh) -> KneeGeometry:
-        (fx0, fy0, fz0), (fx1, _, fz1) = np.asarray(fem.bounds, dtype=np.float64)
-        (tx0, _, tz0), (tx1, ty1, tz1) = np.asarray(tib.bounds, dtype=np.float64)
-        radius = 0.35 * (fx1 - fx0)
-        centre = np.array([fx1 - radius, fy0 + radius, (fz0 + fz1) / 2])
-        return cls(centre, float(radius), np.array([(tx0 + tx1) / 2, ty1, (tz0 + tz1) / 2]))
-
-
-@dataclass(frozen=True)
-class KneePose:
-    """One frame's sampled knee: the JointTrack pose rows and a few parameters the image uses."""
-
-    fem: np.ndarray  # (6,) pose row
-    tib: np.ndarray  # (6,) pose row
-    flexion: float  # degrees
-
-
-def _relative_tibia(rng: np.random.Generator, geom: KneeGeometry, flexion: float) -> np.ndarray:
-    """4×4 tibia-to-femur transform: the tray's top a polyethylene insert's thickness below the
-    condyles, rolled about the flexion centre, with small varus/valgus and axial rotation."""
-    varus = float(np.clip(rng.normal(0.0, 2.0), -5.0, 5.0))
-    axial = rng.uniform(-8.0, 8.0)
-    insert = rng.uniform(6.0, 11.0)
-    shift = np.array([rng.uniform(-3.0, 3.0), 0.0, rng.uniform(-2.0, 2.0)])
-    flex = _rot(flexion, 0.0, 0.0)
-    R = flex @ _rot(0.0, varus, axial)
-    contact = geom.centre + flex @ (shift + np.array([0.0, -(geom.radius + insert), 0.0]))
-    T = np.eye(4)
-    T[:3, :3] = R
-    T[:3, 3] = contact - R @ geom.tray_top
-    return T
-
-
-def _project(points: np.ndarray, T: np.ndarray, camera: Camera) -> np.ndarray:
-    """Model points ``(N, 3)`` through a 4×4 pose → pixels ``(N, 2)`` (JointTrack's projection)."""
-    P = points @ T[:3, :3].T + T[:3, 3]
-    u0, v0 = camera.principal_point
-    f = camera.focal_px
-    return np.stack([u0 - f * P[:, 0] / P[:, 2], v0 + f * P[:, 1] / P[:, 2]], -1)
-
-
-def _pose_row(T: np.ndarray) -> np.ndarray:
-    return matrix_to_pose(torch.from_numpy(T)).numpy().astype(np.float64)
-
-
-def sample_knee(
-    rng: np.random.Generator,
-    geom: KneeGeometry,
-    vertices: dict[str, np.ndarray],
-    camera: Camera,
-    circle: tuple[float, float, float],
-    margin: float,
-) -> KneePose | None:
-    """One random knee pose whose implants' vertices all lie ``margin`` pixels inside the image
-    and the collimator ``circle`` ``(cu, cv, radius)``; None when this sample does not fit."""
-    flexion = rng.uniform(0.0, 120.0)
-    T_rel = _relative_tibia(rng, geom, flexion)
-    # Near-lateral view: the leg's in-plane angle varies, the out-of-plane tilts stay small.
-    fem_angles = (-flexion / 2 + rng.uniform(-35.0, 35.0), rng.uniform(-10.0, 10.0), rng.uniform(-10.0, 10.0))
-    depth = rng.uniform(0.8, 0.95) * camera.pd
-    T_fem = np.eye(4)
-    T_fem[:3, :3] = _rot(*fem_angles)
-    T_fem[:3, 3] = np.array([0.0, 0.0, -depth]) - T_fem[:3, :3] @ geom.centre
-    uv = np.concatenate(
-        [_project(vertices["fem"], T_fem, camera), _project(vertices["tib"], T_fem @ T_rel, camera)]
-    )
-    cu, cv, radius = circle
-    lo, hi = uv.min(0), uv.max(0)
-    mid = (lo + hi) / 2
-    reach = np.sqrt(((uv - mid) ** 2).sum(1).max())
-    room = radius - margin - reach
-    if room <= 0:
-        return None
-    r, a = room * np.sqrt(rng.uniform()), rng.uniform(0.0, 2 * np.pi)
-    du, dv = cu + r * np.cos(a) - mid[0], cv + r * np.sin(a) - mid[1]
-    # A shift parallel to the image plane moves the projection by (du, dv) at the joint's depth.
-    k = depth / camera.focal_px
-    T_fem[:3, 3] += np.array([du * k, -dv * k, 0.0])
-    T_tib = T_fem @ T_rel
-    uv = np.concatenate([_project(vertices["fem"], T_fem, camera), _project(vertices["tib"], T_tib, camera)])
-    inside_circle = (((uv - np.array([cu, cv])) ** 2).sum(1) <= (radius - margin) ** 2).all()
-    inside_image = (uv >= margin).all() and (uv[:, 0] <= camera.width - margin).all()
-    inside_image = inside_image and (uv[:, 1] <= camera.height - margin).all()
-    if not (inside_circle and inside_image):
-        return None
-    fem = np.array([*T_fem[:3, 3], *fem_angles], dtype=np.float64)
-    return KneePose(fem=fem, tib=_pose_row(T_tib), flexion=float(flexion))
 
 
 # --------------------------------------------------------------------------------------------
@@ -223,14 +115,14 @@ class _Projector:
 
     def __init__(self, pose: np.ndarray, camera: Camera, scale: float) -> None:
         self.T = np.eye(4)
-        self.T[:3, :3] = _rot(*pose[3:6])
+        self.T[:3, :3] = euler312_to_matrix(np.asarray(pose[3:6], dtype=np.float64)).numpy()
         self.T[:3, 3] = pose[:3]
         self.camera = camera
         self.scale = scale  # output pixels per camera pixel
         self.mm_per_px = -pose[2] / camera.focal_px / scale  # at the part's depth
 
     def __call__(self, p) -> np.ndarray:
-        return _project(np.asarray(p, dtype=np.float64)[None], self.T, self.camera)[0] * self.scale
+        return project_mesh(np.asarray(p, dtype=np.float64)[None], self.T, self.camera)[0] * self.scale
 
     def direction(self, p, q) -> np.ndarray:
         d = self(q) - self(p)
@@ -431,7 +323,7 @@ def generate_study(
     """Write a synthetic study of ``frames`` frames (``size × size``) to ``out``; returns ``out``.
 
     ``models``: STL files by part (``"fem"``, ``"tib"``), in the lab's model frames and mm; parts
-    not given use the built-in :mod:`jtml.data.implants`. ``calibration``: a ``JT_INTCALIB``
+    not given use the built-in :mod:`jtml.sim.implants`. ``calibration``: a ``JT_INTCALIB``
     file for ``REFERENCE_SIZE``² (1024²) frames, scaled to ``size`` (same field of view; the
     study's ``calibration.txt`` holds the scaled values); default pd 1198 mm, no offsets,
     0.373 mm pixels at 1024². ``out`` must not exist or be empty, unless ``overwrite``: then a
@@ -513,11 +405,8 @@ __all__ = [
     "DEFAULT_CALIBRATION",
     "PARTS",
     "REFERENCE_SIZE",
-    "KneeGeometry",
-    "KneePose",
     "default_calibration",
     "generate_study",
-    "sample_knee",
     "scaled_calibration",
     "synthesize_frame",
 ]

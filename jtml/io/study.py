@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from jtml.errors import JTMLError
-from jtml.io import list_images, read_poses
+from jtml.io.images import list_images
+from jtml.io.poses import read_poses
 
 CALIBRATION_NAME = "calibration.txt"
 

@@ -1,4 +1,5 @@
-"""Settings the model takes from the data, linked at parse time so the two cannot disagree.
+"""Settings the model takes from the data, linked at parse time so the two cannot disagree, and
+data settings that follow a checkpoint (``--ckpt_path``).
 
 The data decides which parts there are, what the network sees (``input``) and the ROI it is cut to
 (``roi_size``, ``roi_margin``); a model trained on anything else is wrong. Written under both ``model``
@@ -17,29 +18,43 @@ checkpoint, before LightningCLI parses the checkpoint's hyper-parameters into th
 
 from __future__ import annotations
 
-import importlib
 import inspect
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from jsonargparse import Namespace
 
+from jtml._moved import resolve_class, same_class
 from jtml.errors import JTMLError
 
-__all__ = ["LINKED_KEYS", "add_links", "check_checkpoint"]
+__all__ = [
+    "LINKED_KEYS",
+    "MODEL_DATA_KEYS",
+    "add_links",
+    "check_checkpoint",
+    "class_path",
+    "follow_checkpoint_data",
+    "given",
+]
 
 LINKED_KEYS = ("parts", "input", "roi_size", "roi_margin")
+
+
+def class_path(node: Any) -> str:
+    """The ``class_path`` of a config node (``""`` when it names none)."""
+    return str(getattr(node, "class_path", "") or "") if isinstance(node, Namespace) else ""
 
 
 def _class_default(class_path: str, key: str) -> Any:
     """``key``'s default in the signature of the class at ``class_path`` (``inspect.Parameter.empty``
     when it has none or the class cannot be found)."""
-    module, _, name = str(class_path).rpartition(".")
+    cls = resolve_class(class_path)
     try:
-        cls = getattr(importlib.import_module(module), name)
-        param = inspect.signature(cls).parameters.get(key)
-    except (ImportError, AttributeError, ValueError, TypeError):
+        param = inspect.signature(cls).parameters.get(key) if cls is not None else None
+    except (ValueError, TypeError):
         return inspect.Parameter.empty
     return param.default if param is not None else inspect.Parameter.empty
 
@@ -98,3 +113,52 @@ def check_checkpoint(config: Any) -> None:
                 f"{init[key]!r}: give the data the checkpoint's {key} (--data.init_args.{key})",
                 path,
             )
+
+
+MODEL_DATA_KEYS = ("parts", "input", "image_size", "resize_mode", "normalize", "mean", "std", "invert",
+                   "roi_size", "roi_margin")  # fmt: skip
+
+
+def given(argv: list[str], key: str) -> bool:
+    """Whether ``--data.init_args.<key>`` (or ``--data.<key>``) is on the command line."""
+    names = (f"--data.init_args.{key}", f"--data.{key}")
+    return any(a.split("=", 1)[0] in names for a in argv)
+
+
+def follow_checkpoint_data(cfg: Namespace, argv: list[str]) -> None:
+    """With ``--ckpt_path FILE``: the data settings the model was trained with (``MODEL_DATA_KEYS``,
+    from the checkpoint's DataModule hyper-parameters) replace the YAML's, so a checkpoint trained
+    at 128 px is not silently evaluated at 512; the same key given on the command line with
+    another value is an error."""
+    ckpt_path, data = cfg.get("ckpt_path"), cfg.get("data")
+    if not ckpt_path or not Path(str(ckpt_path)).is_file() or not class_path(data):
+        return
+    ckpt = torch.load(str(ckpt_path), map_location="cpu", weights_only=False, mmap=True)
+    trained = ckpt.get("datamodule_hyper_parameters") if isinstance(ckpt, dict) else None
+    if not isinstance(trained, dict) or not same_class(
+        trained.get("_class_path", class_path(data)), class_path(data)
+    ):
+        return
+    args = data.init_args
+    for key in MODEL_DATA_KEYS:
+        if key not in trained or key not in args:
+            continue
+        was, now = trained[key], args[key]
+        if _same_value(was, now):
+            continue
+        if given(argv, key):
+            raise JTMLError(
+                f"--data.init_args.{key} {now!r} contradicts the checkpoint's {key} {was!r} (the model "
+                "was trained with it); leave it out to use the checkpoint's",
+                ckpt_path,
+            )
+        print(f"jtml: data {key} {was!r} from the checkpoint (the config says {now!r})", file=sys.stderr)
+        args[key] = list(was) if isinstance(was, (list, tuple)) else was
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return list(a) == list(b)
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return float(a) == float(b)
+    return a == b

@@ -1,7 +1,7 @@
 """``jtml`` console entry point: thin dispatch to one module per sub-command.
 
 Lightning sub-commands (fit, validate, test, predict) go through ``LightningCLI`` in
-:mod:`jtml.lightning_cli`; every other sub-command is a module in :mod:`jtml.commands` with
+:mod:`jtml.cli.lightning`; every other sub-command is a module of :mod:`jtml.cli` with
 ``add_arguments(parser)`` and ``run(args) -> int``. Bad input raises :class:`JTMLError`,
 reported here as one line ``error: <file>: <problem>`` with exit code 2.
 """
@@ -17,14 +17,14 @@ from jtml.errors import JTMLError
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 # name -> (module, one-line help). Modules are imported lazily so `jtml --help` stays fast.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "synth": ("jtml.commands.synth", "generate a synthetic study in the JointTrack on-disk layout"),
-    "labels": ("jtml.commands.labels", "render label masks from tracked poses and STL models"),
-    "index": ("jtml.commands.index", "index studies into a CSV with a train/val/test split"),
-    "score-poses": ("jtml.commands.score_poses", "score a pose file against ground truth (PoseError)"),
-    "slurm": ("jtml.commands.slurm", "print an sbatch script for multi-node DDP `jtml fit` (auto-requeue)"),
-    "runs": ("jtml.commands.runs", "compare finished runs: config differences, final/best metric, curves"),
-    "reproduce": ("jtml.commands.reproduce", "re-run a recorded run from its run.json and config.yaml"),
-    "export": ("jtml.commands.export", "export a trained checkpoint to TorchScript or ONNX for the JTML app"),
+    "synth": ("jtml.cli.synth", "generate a synthetic study in the JointTrack on-disk layout"),
+    "labels": ("jtml.cli.labels", "render label masks from tracked poses and STL models"),
+    "index": ("jtml.cli.index", "index studies into a CSV with a train/val/test split"),
+    "score-poses": ("jtml.cli.score_poses", "score a pose file against ground truth (PoseError)"),
+    "slurm": ("jtml.cli.slurm", "print an sbatch script for multi-node DDP `jtml fit` (auto-requeue)"),
+    "runs": ("jtml.cli.runs", "compare finished runs: config differences, final/best metric, curves"),
+    "reproduce": ("jtml.cli.reproduce", "re-run a recorded run from its run.json and config.yaml"),
+    "export": ("jtml.cli.export", "export a trained checkpoint to TorchScript or ONNX for the JTML app"),
 }
 
 
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     name, rest = argv[0], argv[1:]
     try:
         if name in LIGHTNING_COMMANDS:
-            from jtml.lightning_cli import run_lightning
+            from jtml.cli.lightning import run_lightning
 
             return run_lightning(name, rest)
         module = importlib.import_module(COMMANDS[name][0])

@@ -1,0 +1,1 @@
+"""Simulation: procedural implant models and synthetic studies with exact labels and poses."""
