@@ -23,7 +23,7 @@ lint: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check jtml tests benchmarks
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --nbmake tests examples
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py

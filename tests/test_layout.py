@@ -24,6 +24,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("callbacks",),
     ("runs", "deploy"),
     ("cli",),
+    ("api",),
 ]
 LAYER = {pkg: i for i, group in enumerate(LAYERS) for pkg in group}
 

@@ -18,6 +18,7 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 # name -> (module, one-line help). Modules are imported lazily so `jtml --help` stays fast.
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("jtml.cli.synth", "generate a synthetic study in the JointTrack on-disk layout"),
+    "import": ("jtml.cli.importer", "DICOM cine or video -> a study folder (8-bit frames, import.json)"),
     "labels": ("jtml.cli.labels", "render label masks from tracked poses and STL models"),
     "index": ("jtml.cli.index", "index studies into a CSV with a train/val/test split"),
     "score-poses": ("jtml.cli.score_poses", "score a pose file against ground truth (PoseError)"),

@@ -155,6 +155,31 @@ class FluoroSegDataset(EpochSeeded, Dataset):
             return 1.0 / (unit * self.std), -self.mean / self.std
         return maxval / unit, 0.0
 
+    def prepare(
+        self, img: np.ndarray, mask: np.ndarray | None = None, augment: bool = False
+    ) -> tuple[torch.Tensor, np.ndarray | None, float]:
+        """A frame as the network sees it: ``(image (1, S, S) float32, mask (S, S, P) {0, 1} or None,
+        frame pixels per network pixel)``. Geometry, inversion, the ``transform`` (with ``augment``)
+        and normalisation, in that order; also what :class:`jtml.api.Segmenter` feeds the network."""
+        if img.ndim != 2 or img.dtype.kind not in "ui":
+            raise JTMLError(f"a frame must be a 2-D unsigned-integer image, got {img.dtype} {img.shape}")
+        img, mask, scale = self._geometry(img, mask)
+        if mask is not None:  # {0, 255} (or area-averaged) -> {0, 1}: a 0.5 threshold
+            mask = (mask > 127).view(np.uint8)
+        maxval = float(np.iinfo(img.dtype).max)
+        if self.invert:
+            img = np.invert(img)  # max - value for unsigned integers
+        if img.dtype != np.uint8:  # albumentations handles uint8 and float32 in [0, 1]
+            img = img.astype(np.float32) / np.float32(maxval)
+        if augment and self.transform is not None:
+            self._reseed()
+            out = self.transform(image=img, mask=mask) if mask is not None else self.transform(image=img)
+            img, mask = out["image"], out.get("mask")
+        a, b = self._affine(img, maxval)
+        x = np.multiply(img, np.float32(a), dtype=np.float32)
+        x += np.float32(b)
+        return torch.from_numpy(x).reshape(1, *x.shape[:2]), mask, scale
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         row = self.rows[index]
         img = read_image(row.image)
@@ -169,23 +194,9 @@ class FluoroSegDataset(EpochSeeded, Dataset):
                         f"{p} mask size {m.shape} differs from its frame's {img.shape}", row.masks[p]
                     )
             mask = np.stack(chans, axis=-1)
-        img, mask, scale = self._geometry(img, mask)
-        if mask is not None:  # {0, 255} (or area-averaged) -> {0, 1}: a 0.5 threshold
-            mask = (mask > 127).view(np.uint8)
-        maxval = float(np.iinfo(img.dtype).max)
-        if self.invert:
-            img = np.invert(img)  # max - value for unsigned integers
-        if img.dtype != np.uint8:  # albumentations handles uint8 and float32 in [0, 1]
-            img = img.astype(np.float32) / np.float32(maxval)
-        if self.transform is not None:
-            self._reseed()
-            out = self.transform(image=img, mask=mask) if mask is not None else self.transform(image=img)
-            img, mask = out["image"], out.get("mask")
-        a, b = self._affine(img, maxval)
-        x = np.multiply(img, np.float32(a), dtype=np.float32)
-        x += np.float32(b)
+        x, mask, scale = self.prepare(img, mask, augment=True)
         sample: dict[str, Any] = {
-            "image": torch.from_numpy(x).reshape(1, *x.shape[:2]),
+            "image": x,
             # no calibration (a folder of frames): distances in mm are NaN, those in px are kept
             "pixel_size": torch.tensor(
                 _pixel_size(str(row.calibration)) * scale if row.calibration else float("nan"),

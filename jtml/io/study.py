@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,3 +93,17 @@ def load_study(root: str | os.PathLike) -> Study:
         if model is not None:
             study.models[part] = model
     return study
+
+
+def clear_study(out: Path, extra: tuple[str, ...] = ()) -> None:
+    """Remove a previous study's files from ``out`` — frames, ``Labels/``, ``*.jts``/``*.jtak`` poses,
+    ``calibration.txt`` and the ``extra`` file names — before another is written there: labels and
+    poses pair with frames by name, so stale ones would pair wrongly. Other files are left alone."""
+    for p in list_images(out):
+        p.unlink()
+    for pattern in ("*.jts", "*.jtak", CALIBRATION_NAME, *extra):
+        for p in out.glob(pattern):
+            if p.is_file():
+                p.unlink()
+    if (out / "Labels").is_dir():
+        shutil.rmtree(out / "Labels")

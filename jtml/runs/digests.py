@@ -9,16 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from jtml.io import atomic_write
+from jtml.io.hashing import file_sha256
 from jtml.runs.records import RUN_RECORD
 
-
 # -- data fingerprint -----------------------------------------------------------------------------
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 DATA_FILES = "data_files.sha256"  # per-file digests of a run's data, in `sha256sum` format
@@ -42,11 +36,11 @@ def data_file_digests(datamodule: Any) -> list[tuple[str, str]] | None:
     out: list[tuple[str, str]] = []
     index = getattr(datamodule, "index", None)
     if index and Path(index).is_file():
-        out.append((_file_sha256(Path(index)), str(index)))
+        out.append((file_sha256(Path(index)), str(index)))
     for row in rows:
         for path in [row.image, row.calibration, *(row.masks[k] for k in sorted(row.masks))]:
             if path is not None:
-                out.append((_file_sha256(Path(path)) if Path(path).is_file() else "-", str(path)))
+                out.append((file_sha256(Path(path)) if Path(path).is_file() else "-", str(path)))
     try:
         datamodule._jtml_digests = out
     except AttributeError:

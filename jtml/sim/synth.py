@@ -28,7 +28,6 @@ so the same arguments give a byte-identical study.
 
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
 
@@ -42,7 +41,6 @@ from jtml.geometry.knee import KneeGeometry, KneePose, sample_knee
 from jtml.geometry.render import project_mesh
 from jtml.io import (
     Calibration,
-    list_images,
     read_calibration,
     read_stl,
     staged_dir,
@@ -52,7 +50,7 @@ from jtml.io import (
     write_poses,
     write_stl,
 )
-from jtml.io.study import CALIBRATION_NAME, label_path
+from jtml.io.study import CALIBRATION_NAME, clear_study, label_path
 from jtml.sim.implants import procedural_models
 
 PARTS = ("fem", "tib")
@@ -293,22 +291,6 @@ def _check_int(name: str, value, low: int, high: int | None = None) -> int:
     return int(value)
 
 
-def _clear_study(out: Path) -> None:
-    """Remove the study files of a previous study in ``out`` (frames, labels, poses, calibration),
-    so a smaller new study does not mix with a stale one; other files are left alone."""
-    for p in list_images(out):
-        p.unlink()
-    for pattern in ("*.jts", "*.jtak", CALIBRATION_NAME):
-        for p in out.glob(pattern):
-            if p.is_file():
-                p.unlink()
-    for part in PARTS:
-        if (out / f"{part}.stl").is_file():
-            (out / f"{part}.stl").unlink()
-    if (out / "Labels").is_dir():
-        shutil.rmtree(out / "Labels")
-
-
 def generate_study(
     out: Path,
     frames: int,
@@ -397,7 +379,7 @@ def generate_study(
         for part in PARTS:
             write_poses(stage / f"{part}.jts", poses[part])
         if out.is_dir():
-            _clear_study(out)
+            clear_study(out, extra=tuple(f"{part}.stl" for part in PARTS))
     return out
 
 
