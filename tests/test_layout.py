@@ -20,6 +20,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("sim",),
     ("data",),
     ("metrics",),
+    ("registration",),
     ("models",),
     ("callbacks",),
     ("runs", "deploy"),

@@ -102,6 +102,12 @@ class SilhouetteRenderer:
         self.faces = np.asarray(mesh.faces, dtype=np.int64)
         self.camera = camera
 
+    def with_camera(self, camera: Camera) -> SilhouetteRenderer:
+        """The same model through another camera (e.g. the frame at half resolution), sharing arrays."""
+        other = object.__new__(SilhouetteRenderer)
+        other.vertices, other.faces, other.camera = self.vertices, self.faces, camera
+        return other
+
     def render(self, pose: np.ndarray) -> np.ndarray:
         """Bool ``(H, W)`` silhouette at a JointTrack pose row ``(x, y, z, z_rot, x_rot, y_rot)``."""
         uv = project_mesh(self.vertices, pose, self.camera)
