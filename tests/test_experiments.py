@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -81,4 +82,11 @@ def test_experiment_runs_one_fast_step(config, tmp_path, capsys):
     assert Path(summary["checkpoint"]).is_file()
     assert (run_dir / "config.yaml").is_file()
     assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
-    assert any(k.startswith("val/") for k in summary["metrics"])
+    monitors = [
+        cb["init_args"]["monitor"]
+        for cb in spec["trainer"].get("callbacks") or []
+        if cb["class_path"].endswith(".ModelCheckpoint") and cb.get("init_args", {}).get("monitor")
+    ]
+    assert monitors, f"{config.name}: no ModelCheckpoint monitor"
+    for key in monitors:  # what the checkpoint watches was logged, as a number
+        assert key in summary["metrics"] and math.isfinite(summary["metrics"][key]), (key, summary["metrics"])
