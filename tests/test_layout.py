@@ -18,6 +18,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("io",),
     ("geometry",),
     ("sim",),
+    ("kinematics",),
     ("data",),
     ("metrics",),
     ("registration",),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -14,10 +15,10 @@ import torch
 
 from jtml.data.pose import FluoroPoseDataModule
 from jtml.errors import JTMLError
-from jtml.geometry import Camera, SilhouetteRenderer, euler312_to_matrix, symmetric_twin
+from jtml.geometry import Camera, SilhouetteRenderer, euler312_to_matrix, render_silhouette, symmetric_twin
 from jtml.geometry.knee import resolve_tibia_twin, varus_valgus
 from jtml.geometry.roi import crop_roi, in_plane_rotation_matrix, rotate_pose_in_plane
-from jtml.io import Calibration, read_poses, write_poses
+from jtml.io import Calibration, read_calibration, read_image, read_poses, read_stl, write_poses
 from jtml.models.parameterisation import decode_pose, encode_pose, ray_rotation
 from jtml.models.pose import PoseModule
 from jtml.sim.implants import procedural_models
@@ -294,7 +295,9 @@ def test_mask_model_refuses_frames(study, tmp_path):
 
 def test_fit_lowers_the_loss_and_checkpoint_roundtrip(tmp_path):
     pl.seed_everything(0)
-    dm = tiny_dm(roi_size=48, train_samples=192, val_samples=32, batch_size=16)
+    # the synthetic studies' in-plane angles (the default, the full circle, takes longer to learn)
+    ranges = {"sampler": "knee", "in_plane": [-95, 35]}
+    dm = tiny_dm(roi_size=48, train_samples=192, val_samples=32, batch_size=16, pose_ranges=ranges)
     model = PoseModule(
         parts=["fem", "tib"],
         backbone="resnet10t",
@@ -305,7 +308,7 @@ def test_fit_lowers_the_loss_and_checkpoint_roundtrip(tmp_path):
     )
     trainer = pl.Trainer(
         accelerator="cpu",
-        max_epochs=3,
+        max_epochs=5,
         logger=False,
         default_root_dir=tmp_path,
         enable_progress_bar=False,
@@ -315,7 +318,7 @@ def test_fit_lowers_the_loss_and_checkpoint_roundtrip(tmp_path):
     before = trainer.validate(model, dm, verbose=False)[0]
     trainer.fit(model, dm)
     after = trainer.validate(model, dm, verbose=False)[0]
-    assert after["val/loss"] < 0.6 * before["val/loss"], (before["val/loss"], after["val/loss"])
+    assert after["val/loss"] < 0.8 * before["val/loss"], (before["val/loss"], after["val/loss"])
     assert after["val/fem/z_median"] < before["val/fem/z_median"]
     assert "val/tib/mtre_mean" in after and "val/trap_geodesic_median" in after
     ckpt = tmp_path / "pose.ckpt"
@@ -434,10 +437,27 @@ def test_experiment_yamls_fit_and_predict_jointtrack_files(yaml, tmp_path, study
         assert f"wrote {written}" in captured.err
         poses = read_poses(written, n_frames=4)  # one row per frame, JointTrack's format
         assert np.isfinite(poses).all() and (poses[:, 2] < 0).all()
-    # the tibia file holds the varus-valgus choice between the network's pose and its twin
-    (raw,) = (tmp_path / "runs").glob(f"{Path(yaml).stem}/*/predictions/{study.name}/tib_network.jts")
-    fem, tib = read_poses(written.with_name("fem.jts")), read_poses(written)
-    assert np.array_equal(resolve_tibia_twin(fem, read_poses(raw))[0], tib)
+    # report.csv: per frame and part the written pose's silhouette IoU against the input mask (checked
+    # here by rendering it independently), and for the tibia which of the pose and its twin was written
+    report = list(csv.DictReader(written.with_name("report.csv").open()))
+    frames = sorted(f.stem for f in study.glob("*.tif"))
+    assert sorted((r["frame"], r["part"]) for r in report) == sorted(
+        (f, p) for f in frames for p in ("fem", "tib")
+    )
+    calib = read_calibration(study / "calibration.txt")
+    for r in report:
+        pose = read_poses(written.with_name(f"{r['part']}.jts"))[frames.index(r["frame"])]
+        mask = read_image(study / "Labels" / r["part"] / f"{r['frame']}_label_{r['part']}.tif") > 0
+        model = next(study.glob(f"*{r['part']}.stl"))
+        render = render_silhouette(read_stl(model), pose, Camera.from_calibration(calib, 128, 128))
+        iou = (render & mask).sum() / (render | mask).sum()
+        assert float(r["iou"]) == pytest.approx(iou, abs=1e-6)
+        assert r["written"] in ("network", "twin") and r["review"] in ("0", "1")
+        if r["part"] == "tib" and r["reason"] == "silhouette":  # the better-matching silhouette was written
+            assert float(r["iou"]) > float(r["twin_iou"])
+    twins = [r for r in report if r["written"] == "twin"]
+    raw = written.with_name("tib_network.jts")
+    assert raw.is_file() == bool(twins)
 
 
 def test_cli_bad_input_is_one_error_line(tmp_path, study, capsys, monkeypatch):

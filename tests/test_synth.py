@@ -8,13 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from jtml import kinematics as kin
 from jtml.cli import main
 from jtml.errors import JTMLError
-from jtml.geometry import Camera, SilhouetteRenderer
+from jtml.geometry import Camera, SilhouetteRenderer, euler312_to_matrix, geodesic_angle
 from jtml.io import read_calibration, read_image, read_mask, read_stl
 from jtml.io.study import load_study
 from jtml.sim.implants import procedural_models
-from jtml.sim.synth import generate_study
+from jtml.sim.synth import default_calibration, generate_study, plan_study_sequence
 
 SIZE = 128
 
@@ -223,3 +224,125 @@ def test_user_models_and_calibration(kneel1, tmp_path):
     assert written.pp == pytest.approx(given.pp * 4)
     masks = check_rerender(out)
     assert all(m.sum() > 100 for frames in masks.values() for m in frames)
+
+
+# --------------------------------------------------------------------------------------------
+# Sequences (`jtml synth --sequence`): one smooth knee motion, right or left
+# --------------------------------------------------------------------------------------------
+
+
+def written_plan(root: Path, seed: int, frames: int, side: str):
+    """The generator's own plan for a written sequence study, from its STLs and calibration."""
+    models = {part: read_stl(root / f"{part}.stl") for part in ("fem", "tib")}
+    size = read_image(load_study(root).frames[0]).shape[0]
+    camera = Camera.from_calibration(read_calibration(root / "calibration.txt"), size, size)
+    return plan_study_sequence(seed, frames, models, camera, side)
+
+
+@pytest.fixture(scope="module")
+def sequences(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("sequence")
+    out = {}
+    for side in ("right", "left"):
+        out[side] = generate_study(root / side, frames=5, seed=21, size=SIZE, sequence=True, side=side)
+    return out
+
+
+def test_sequence_layout_rerender_and_flexion_truth(sequences):
+    root = sequences["right"]
+    assert sorted(p.name for p in root.iterdir()) == [
+        "Labels",
+        "calibration.txt",
+        "fem.jts",
+        "fem.stl",
+        *[f"synth_000{i}.tif" for i in range(5)],
+        "tib.jts",
+        "tib.stl",
+    ]
+    check_rerender(root)
+    s = load_study(root)
+    fem, tib = s.read_poses("fem"), s.read_poses("tib")
+    plan = written_plan(root, 21, 5, "right")
+    np.testing.assert_array_equal(fem, [k.fem for k in plan.knees])  # the poses written are the plan's
+    np.testing.assert_array_equal(tib, [k.tib for k in plan.knees])
+    # 0 -> 90 -> 0 degrees, a raised cosine; recovered from the .jts files by jtml.kinematics.
+    t = np.linspace(0.0, 1.0, 5)
+    np.testing.assert_allclose(plan.motion.flexion, 45.0 * (1 - np.cos(2 * np.pi * t)), atol=1e-12)
+    k = kin.knee_kinematics(fem, tib, "right", fem_model=read_stl(root / "fem.stl"))
+    np.testing.assert_allclose(k[kin.FLEXION], plan.motion.flexion, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(k[kin.ABDUCTION], plan.motion.abduction, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(k[kin.INTERNAL], plan.motion.internal, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(k[kin.GS_FLEXION], plan.motion.flexion, rtol=0, atol=1e-6)
+    # Plausible coupling: the tibia rotates internally and the femur rolls back as the knee flexes.
+    assert k[kin.INTERNAL][2] - k[kin.INTERNAL][0] > 4.0
+    for half in ("medial", "lateral"):
+        assert k[f"{half}_ap_mm(+ant)"][2] < k[f"{half}_ap_mm(+ant)"][0] - 3.0
+    # One look for the whole study: the dark collimator corner and the field's brightness stay put.
+    images = [read_image(f).astype(float) for f in s.frames]
+    assert max(abs(im.mean() - images[0].mean()) for im in images) < 0.1 * images[0].mean()
+
+
+def test_sequence_poses_are_smooth():
+    """60 frames (planned, not rendered): per-frame rotation and translation steps are small and
+    change little from one frame to the next; the view drifts only a little."""
+    camera = Camera.from_calibration(default_calibration(SIZE), SIZE, SIZE)
+    plan = plan_study_sequence(4, 60, procedural_models(), camera)
+    assert plan.motion.flexion.max() == pytest.approx(90.0, abs=0.1)
+    for part in ("fem", "tib"):
+        rows = np.array([getattr(k, part) for k in plan.knees])
+        R = euler312_to_matrix(rows[:, 3:])
+        step = np.rad2deg(geodesic_angle(R[:-1], R[1:]).numpy())
+        assert step.max() < 3.5 and np.abs(np.diff(step)).max() < 0.4, part
+        assert np.linalg.norm(np.diff(rows[:, :3], axis=0), axis=1).max() < 2.0, part
+        assert np.abs(np.diff(rows[:, :3], 2, axis=0)).max() < 0.25, part
+    fem = np.array([k.fem for k in plan.knees])
+    assert np.ptp(fem[:, 4]) < 5.0 and np.ptp(fem[:, 5]) < 5.0  # out-of-plane tilt drift
+    assert np.ptp(fem[:, 2]) < 7.0  # depth drift (mm)
+
+
+def test_left_sequence_is_the_mirror_of_the_right(sequences):
+    right, left = sequences["right"], sequences["left"]
+    for part in ("fem", "tib"):
+        r, lm = read_stl(right / f"{part}.stl"), read_stl(left / f"{part}.stl")
+        # Every triangle mirrored x -> -x and re-wound, so it still faces outwards.
+        np.testing.assert_array_equal(lm.triangles, (r.triangles * np.array([-1.0, 1.0, 1.0]))[:, ::-1])
+        assert lm.volume > 0
+    S = np.array([-1.0, 1.0, 1.0, -1.0, 1.0, -1.0])  # (x, z_rot, y_rot) change sign
+    sr, sl = load_study(right), load_study(left)
+    for part in ("fem", "tib"):
+        np.testing.assert_allclose(sl.read_poses(part), sr.read_poses(part) * S, rtol=0, atol=1e-9)
+    # Clinically the same knee motion on both sides.
+    kr = kin.knee_kinematics(
+        sr.read_poses("fem"), sr.read_poses("tib"), "right", fem_model=read_stl(right / "fem.stl")
+    )
+    kl = kin.knee_kinematics(
+        sl.read_poses("fem"), sl.read_poses("tib"), "left", fem_model=read_stl(left / "fem.stl")
+    )
+    for column in kr:
+        np.testing.assert_allclose(kl[column], kr[column], rtol=0, atol=1e-6, err_msg=column)
+    np.testing.assert_allclose(kl[kin.FLEXION], written_plan(left, 21, 5, "left").motion.flexion, atol=1e-6)
+    check_rerender(left)
+    # The principal point is the image centre: a left frame is a right frame seen in a mirror.
+    for i in range(5):
+        for part in ("fem", "tib"):
+            ml, mr = read_mask(sl.labels[part][i]), read_mask(sr.labels[part][i])
+            assert (ml != np.fliplr(mr)).sum() <= 2, (part, i)  # pixel-centre ties at most
+        a = read_image(sl.frames[i]).astype(float).ravel()
+        b = read_image(sr.frames[i]).astype(float)
+        assert np.corrcoef(a, np.fliplr(b).ravel())[0, 1] > 0.9
+        assert np.corrcoef(a, np.fliplr(b).ravel())[0, 1] > np.corrcoef(a, b.ravel())[0, 1] + 0.03
+
+
+def test_sequence_cli_same_seed_same_bytes_and_bad_side(tmp_path, capsys):
+    args = ["synth", "--sequence", "--frames", "2", "--seed", "9", "--size", "64", "--side", "left"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert "left knee" in capsys.readouterr().out
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0
+    assert hashes(tmp_path / "a") == hashes(tmp_path / "b")
+    assert len(hashes(tmp_path / "a")) == 2 + 4 + 2 + 2 + 1
+    bad = ["synth", "--frames", "2", "--seed", "9", "--size", "64"]
+    assert main([*bad, "--sequence", "--side", "up", "--out", str(tmp_path / "c")]) == 2
+    assert "side must be" in capsys.readouterr().err
+    assert main([*bad, "--side", "left", "--out", str(tmp_path / "d")]) == 2
+    assert "--sequence" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]

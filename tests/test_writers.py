@@ -110,7 +110,7 @@ def test_pose_writer_overwrites_when_told_and_stdout_is_the_summary_alone(
         poses = read_poses(written, n_frames=4)  # the stale file replaced: one row per frame
         assert np.isfinite(poses).all() and (poses[:, 2] < 0).all()
         assert f"wrote {written} (4 {part} pose(s) of {study.name})" in captured.err
-    assert (out / study.name / "tib_network.jts").is_file()
+    assert (out / study.name / "report.csv").is_file()
     assert (out / "keep.txt").read_text() == "an earlier run's file\n"  # other files are left alone
 
 

@@ -116,7 +116,7 @@ def check_checkpoint(config: Any) -> None:
 
 
 MODEL_DATA_KEYS = ("parts", "input", "image_size", "resize_mode", "normalize", "mean", "std", "invert",
-                   "roi_size", "roi_margin")  # fmt: skip
+                   "roi_size", "roi_margin", "side")  # fmt: skip
 
 
 def given(argv: list[str], key: str) -> bool:

@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "labels": ("jtml.cli.labels", "render label masks from tracked poses and STL models"),
     "index": ("jtml.cli.index", "index studies into a CSV with a train/val/test split"),
     "score-poses": ("jtml.cli.score_poses", "score a pose file against ground truth (PoseError)"),
+    "kinematics": ("jtml.cli.kinematics", "knee kinematics from femur/tibia pose files (CSV + plots)"),
     "slurm": ("jtml.cli.slurm", "print an sbatch script for multi-node DDP `jtml fit` (auto-requeue)"),
     "runs": ("jtml.cli.runs", "compare finished runs: config differences, final/best metric, curves"),
     "reproduce": ("jtml.cli.reproduce", "re-run a recorded run from its run.json and config.yaml"),

@@ -1,7 +1,8 @@
 """``jtml synth``: generate a synthetic study in the JointTrack on-disk layout.
 
 Frames, label masks, ``.jts`` poses, the STL models and ``calibration.txt``, exactly like a real
-study, so every other command runs on it (demos, tests, smoke runs). Same seed, same bytes.
+study, so every other command runs on it (demos, tests, smoke runs). ``--sequence``: the frames
+are one knee's smooth motion (a tracking ground truth). Same seed, same bytes.
 """
 
 from __future__ import annotations
@@ -31,6 +32,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "default: pd 1198 mm, no offsets, 0.373 mm pixels",
     )
     parser.add_argument(
+        "--sequence",
+        action="store_true",
+        help="one smooth knee motion (flexion 0->90->0 deg, coupled internal rotation and rollback, "
+        "a slowly drifting view) instead of independent random knees",
+    )
+    parser.add_argument(
+        "--side",
+        default="right",
+        help="with --sequence: right (default) or left; a left knee mirrors the built-in implants x -> -x "
+        "(--model STLs are used as given: left implants)",
+    )
+    parser.add_argument(
         "--overwrite",
         action="store_true",
         help="replace the study in a non-empty --out (its frames, Labels/, poses and calibration)",
@@ -47,8 +60,12 @@ def run(args: argparse.Namespace) -> int:
         models=models or None,
         calibration=args.calibration,
         overwrite=args.overwrite,
+        sequence=args.sequence,
+        side=args.side,
     )
+    kind = f", a {args.side} knee's motion" if args.sequence else ""
     print(
-        f"wrote a synthetic study to {out} ({args.frames} frames, {args.size}x{args.size}, seed {args.seed})"
+        f"wrote a synthetic study to {out} ({args.frames} frames, {args.size}x{args.size}, seed {args.seed}"
+        f"{kind})"
     )
     return 0

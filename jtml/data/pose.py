@@ -55,6 +55,7 @@ import trimesh
 from torch.utils.data import Dataset
 
 from jtml.data.base import STAGE_SPLITS, FluoroDataModule
+from jtml.data.degrade import MaskDegradation
 from jtml.data.index import IndexRow, raise_problems
 from jtml.data.loaders import EpochSeeded
 from jtml.data.transforms import build_transforms, check_pose_consistent
@@ -68,7 +69,7 @@ from jtml.geometry.roi import (
     mask_bbox,
     rotate_pose_in_plane,
 )
-from jtml.geometry.sampling import MAX_ATTEMPTS, PoseSampler
+from jtml.geometry.sampling import MAX_ATTEMPTS, SIDES, PoseSampler
 from jtml.io import read_calibration, read_image, read_mask, read_stl
 from jtml.sim.synth import REFERENCE_SIZE
 
@@ -106,12 +107,16 @@ class RenderedPoseDataset(Dataset):
         rotation_range: float = 0.0,
         seed: int | None = None,
         cache: bool = False,
+        degradation: MaskDegradation | None = None,
     ) -> None:
         self.sampler, self.parts, self.camera = sampler, list(parts), camera
-        self.renderers = {p: SilhouetteRenderer(meshes[p], camera) for p in self.parts}
+        # the knee sampler poses both implants: the other one is rendered too for degradation's overlaps
+        both = set(self.parts) | ({"fem", "tib"} if sampler.kind == "knee" and degradation else set())
+        self.renderers = {p: SilhouetteRenderer(_shared_vertices(meshes[p]), camera) for p in sorted(both)}
         self.length, self.roi_size, self.margin = int(length), int(roi_size), float(margin)
         self.jitter, self.rotation_range = tuple(jitter), float(rotation_range)
         self.seed, self.cache = seed, cache and seed is not None
+        self.degradation = degradation
         self._cache: dict[int, dict[str, Any]] = {}
 
     def __len__(self) -> int:
@@ -124,12 +129,16 @@ class RenderedPoseDataset(Dataset):
         part_idx = index % len(self.parts)
         part = self.parts[part_idx]
         for _ in range(MAX_ATTEMPTS):
-            pose = self.sampler(rng, part)
+            poses = self.sampler.knee(rng) if self.sampler.kind == "knee" else {part: self.sampler(rng, part)}
             if self.rotation_range > 0:
-                pose = rotate_pose_in_plane(pose, rng.uniform(-self.rotation_range, self.rotation_range))
+                theta = rng.uniform(-self.rotation_range, self.rotation_range)
+                poses = {p: rotate_pose_in_plane(q, theta) for p, q in poses.items()}
+            pose = poses[part]
             win, x0, y0 = self.renderers[part].render_window(pose)
             if win.any():
                 break
+        if self.degradation is not None:
+            win, x0, y0 = self._degraded(rng, part, poses, win, x0, y0)
         sample = make_sample(
             win, self.camera, self.roi_size, self.margin, "mask", rng=rng, jitter=self.jitter, offset=(x0, y0)
         )
@@ -144,6 +153,55 @@ class RenderedPoseDataset(Dataset):
         if self.cache:
             self._cache[index] = sample
         return sample
+
+    def _degraded(
+        self,
+        rng: np.random.Generator,
+        part: str,
+        poses: dict[str, np.ndarray],
+        win: np.ndarray,
+        x0: int,
+        y0: int,
+    ) -> tuple[np.ndarray, int, int]:
+        """The render window, padded so a dilated boundary fits, degraded like a segmentation
+        network's mask (the other implant rendered into the same window for the overlaps)."""
+        assert self.degradation is not None
+        W, H, pad = self.camera.width, self.camera.height, self.degradation.reach
+        X0, Y0 = max(0, x0 - pad), max(0, y0 - pad)
+        X1, Y1 = min(W, x0 + win.shape[1] + pad), min(H, y0 + win.shape[0] + pad)
+        big = np.zeros((Y1 - Y0, X1 - X0), dtype=bool)
+        _paste(big, win, x0 - X0, y0 - Y0)
+
+        def other() -> np.ndarray | None:
+            for name, pose in poses.items():
+                if name != part and name in self.renderers:
+                    try:
+                        ow, ox, oy = self.renderers[name].render_window(pose)
+                    except JTMLError:
+                        return None
+                    out = np.zeros_like(big)
+                    _paste(out, ow, ox - X0, oy - Y0)
+                    return out
+            return None
+
+        return self.degradation(big, rng, other), X0, Y0
+
+
+def _shared_vertices(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
+    """The same triangles with each distinct vertex stored once (an STL repeats a vertex in every
+    triangle that has it): identical coordinates, so identical renders, for a sixth of the
+    projections."""
+    v, inverse = np.unique(np.asarray(mesh.vertices, dtype=np.float64), axis=0, return_inverse=True)
+    return trimesh.Trimesh(v, inverse.reshape(-1)[np.asarray(mesh.faces)], process=False)
+
+
+def _paste(dst: np.ndarray, src: np.ndarray, x: int, y: int) -> None:
+    """``dst[y:y+h, x:x+w] |= src`` for the part of ``src`` that falls inside ``dst``."""
+    h, w = src.shape
+    ys, xs = max(0, -y), max(0, -x)
+    ye, xe = min(h, dst.shape[0] - y), min(w, dst.shape[1] - x)
+    if ye > ys and xe > xs:
+        dst[y + ys : y + ye, x + xs : x + xe] |= src[ys:ye, xs:xe]
 
 
 @dataclass
@@ -178,8 +236,10 @@ class PoseFileDataset(EpochSeeded, Dataset):
         jitter: Sequence[float] = (0.0, 0.0),
         rotation_range: float = 0.0,
         transform: Any = None,
+        degradation: MaskDegradation | None = None,
     ) -> None:
         self.items, self.input = list(items), input
+        self.degradation = degradation
         self.roi_size, self.margin, self.invert = int(roi_size), float(margin), bool(invert)
         self.augment, self.jitter, self.rotation_range = bool(augment), tuple(jitter), float(rotation_range)
         self.transform = transform
@@ -213,6 +273,14 @@ class PoseFileDataset(EpochSeeded, Dataset):
                 )
             pose = None if pose is None else rotate_pose_in_plane(pose, theta)
             bbox = None  # recomputed from the turned mask
+        if rng is not None and self.degradation is not None and it.bbox is not None:
+            others = [p for p in it.row.masks if p != it.part]
+            other = read_image(it.row.masks[others[0]]) > 0 if others else None
+            if other is not None and self.rotation_range > 0:
+                size = (cam.width, cam.height)
+                other = cv2.warpAffine(other.astype(np.float32), M, size, flags=cv2.INTER_LINEAR) > 0.5
+            mask = self.degradation(mask > 0.5, rng, other).astype(np.float32)
+            bbox = None
         if self.transform is not None:
             self._reseed()
         sample = make_sample(
@@ -261,7 +329,14 @@ class FluoroPoseDataModule(FluoroDataModule):
             ``calibration.txt`` describes its frames); None = the lab's fluoroscope (pd 1198 mm,
             0.373 mm pixels at 1024², the same field of view at other sizes).
         image_size: the rendered frames' size; ROIs are cut at this native resolution.
-        pose_ranges: see :class:`PoseSampler`.
+        pose_ranges: see :class:`PoseSampler` (ranges, or derived from tracked frames' pose files).
+        side: the knee side the renders show — ``right``, ``left`` (the models are left implants;
+            mirror images of the right-knee configurations, exact) or ``both`` (:class:`PoseSampler`).
+            Kept with the checkpoint, so prediction can warn when the poses do not look like that side.
+        mask_degradation: training renders (and training masks from files) made segmentation-like —
+            boundary moved in/out, ragged edges, holes, the other implant's overlap removed or merged
+            (:class:`jtml.data.degrade.MaskDegradation`; ``true``: its defaults, a mapping overrides
+            some). Pose-consistent: only the input changes. Validation renders stay exact.
         train_samples, val_samples, test_samples: renders per training epoch / in the fixed
             validation and (without files) test sets; ``render_seed`` seeds the fixed sets.
         roi_size, roi_margin: network input size and the ROI's margin around the silhouette
@@ -287,6 +362,8 @@ class FluoroPoseDataModule(FluoroDataModule):
         calibration: str | None = None,
         image_size: int = REFERENCE_SIZE,
         pose_ranges: dict[str, Any] | None = None,
+        side: Literal["right", "left", "both"] = "right",
+        mask_degradation: bool | dict[str, Any] | None = None,
         train_samples: int = 4096,
         val_samples: int = 256,
         test_samples: int = 256,
@@ -309,6 +386,8 @@ class FluoroPoseDataModule(FluoroDataModule):
     ) -> None:
         if input not in INPUTS:
             raise JTMLError(f"input must be one of {INPUTS}, got {input!r}")
+        if side not in SIDES:
+            raise JTMLError(f"side must be one of {list(SIDES)}, got {side!r}")
         if not render and index is None and not studies and not synthetic:
             raise JTMLError("no data: give an index CSV, study folders, a synthetic study or render: true")
         if render and input != "mask":
@@ -346,6 +425,10 @@ class FluoroPoseDataModule(FluoroDataModule):
         self.roi_jitter = (float(roi_jitter[0]), float(roi_jitter[1]))
         self.rotation_range = float(rotation_range)
         self.invert = bool(invert)
+        self.side = side
+        self.degradation = MaskDegradation.from_config(mask_degradation)
+        if self.degradation is not None and input != "mask":
+            raise JTMLError("mask_degradation degrades mask inputs; it needs input: mask")
         self.train_transform = build_transforms(train_transforms, where="train_transforms")
         check_pose_consistent(self.train_transform)
         if self.train_transform is not None and input == "mask":
@@ -361,7 +444,7 @@ class FluoroPoseDataModule(FluoroDataModule):
                 default_calibration(self.image_size) if calibration is None else read_calibration(calibration)
             )
             self.camera = Camera.from_calibration(calib, self.image_size, self.image_size)
-            self.sampler = PoseSampler(pose_ranges, self.meshes(), self.camera)
+            self.sampler = PoseSampler(pose_ranges, self.meshes(), self.camera, side=side)
             if self.sampler.kind == "knee" and not set(self.parts) <= {"fem", "tib"}:
                 raise JTMLError(
                     f"pose_ranges: the knee sampler poses fem and tib only, not {self.parts}; use "
@@ -387,23 +470,24 @@ class FluoroPoseDataModule(FluoroDataModule):
             self._meshes = meshes
         return self._meshes
 
-    def part_vertices(self) -> dict[str, np.ndarray]:
-        """Model vertices per part for the mTRE metric: the render models, ``models``, or the one
-        model file the index lists for the part (a part listed with several models gets none)."""
+    def part_meshes(self) -> dict[str, trimesh.Trimesh]:
+        """The model of each part, for the mTRE metric and the prediction writer's silhouette check:
+        the render models, ``models``, or the one model file the index lists for the part (a part
+        listed with several models gets none)."""
         if self.render:
-            return {p: np.asarray(self.meshes()[p].vertices, dtype=np.float64) for p in self.parts}
-        out = {
-            p: np.asarray(read_stl(self.models[p]).vertices, dtype=np.float64)
-            for p in self.parts
-            if p in self.models
-        }
+            return {p: self.meshes()[p] for p in self.parts}
+        out = {p: read_stl(self.models[p]) for p in self.parts if p in self.models}
         if self.has_files:
             rows = self._load_rows()
             for p in self.parts:
                 paths = {r.models.get(p) for r in rows} - {None}
                 if p not in out and len(paths) == 1:
-                    out[p] = np.asarray(read_stl(next(iter(paths))).vertices, dtype=np.float64)
+                    out[p] = read_stl(next(iter(paths)))
         return out
+
+    def part_vertices(self) -> dict[str, np.ndarray]:
+        """Model vertices per part for the mTRE metric (:meth:`part_meshes`)."""
+        return {p: np.asarray(m.vertices, dtype=np.float64) for p, m in self.part_meshes().items()}
 
     # ---------------------------------------------------------------- files
 
@@ -495,6 +579,7 @@ class FluoroPoseDataModule(FluoroDataModule):
             rotation_range=self.rotation_range if train else 0.0,
             seed=seed,
             cache=seed is not None,
+            degradation=self.degradation if train else None,
         )
 
     def _files(self, split: str, train: bool = False, need_pose: bool = True) -> PoseFileDataset:
@@ -511,6 +596,7 @@ class FluoroPoseDataModule(FluoroDataModule):
             jitter=self.roi_jitter,
             rotation_range=self.rotation_range,
             transform=self.train_transform if train else None,
+            degradation=self.degradation if train else None,
         )
 
     def setup(self, stage: str | None = None) -> None:

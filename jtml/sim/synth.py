@@ -22,22 +22,30 @@ cancellous bone (femur, patella, tibia, fibula), clutter bands (table, positioni
 the radio-opaque implants, blurred by a detector PSF, with quantum and electronic noise,
 random contrast, brightness, gamma, vignetting, edge enhancement and a dark collimator edge.
 
-Randomness comes only from ``numpy.random.default_rng(seed)`` (one spawned stream per frame),
-so the same arguments give a byte-identical study.
+With ``sequence=True`` the frames are instead one smooth activity of one knee
+(:mod:`jtml.sim.sequence`: flexion 0 → 90 → 0° with coupled internal rotation and femoral
+rollback, a slowly drifting near-lateral view), with one collimator and one look (anatomy,
+clutter, contrast) for the whole study, so that only the knee and the noise change from frame to
+frame; ``side="left"`` makes it a left knee, the mirror image of the right one of the same seed.
+
+Randomness comes only from ``numpy.random.default_rng(seed)`` (one spawned stream per frame, and
+for a sequence one more for the motion), so the same arguments give a byte-identical study.
 """
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
+import trimesh
 from tqdm import tqdm
 
 from jtml.errors import JTMLError
 from jtml.geometry import Camera, SilhouetteRenderer, euler312_to_matrix
-from jtml.geometry.knee import KneeGeometry, KneePose, sample_knee
+from jtml.geometry.knee import KneeGeometry, KneePose, mirror_mesh, sample_knee
 from jtml.geometry.render import project_mesh
 from jtml.io import (
     Calibration,
@@ -52,6 +60,7 @@ from jtml.io import (
 )
 from jtml.io.study import CALIBRATION_NAME, clear_study, label_path
 from jtml.sim.implants import procedural_models
+from jtml.sim.sequence import SIDES, KneeMotion, plan_sequence
 
 PARTS = ("fem", "tib")
 FRAME_PREFIX = "synth"
@@ -109,12 +118,18 @@ def _ellipsoid(U, V, c, axis, ru, rv, depth_r) -> np.ndarray:
 
 
 class _Projector:
-    """Model-frame anatomy (mm) → pixels, for one part at one pose."""
+    """Model-frame anatomy (mm) → pixels, for one part at one pose.
 
-    def __init__(self, pose: np.ndarray, camera: Camera, scale: float) -> None:
+    ``mirror``: the part is a left implant (the right one mirrored x → −x) and the anatomy is
+    given in the right knee's model frame, so points are mirrored before the pose maps them.
+    """
+
+    def __init__(self, pose: np.ndarray, camera: Camera, scale: float, mirror: bool = False) -> None:
         self.T = np.eye(4)
         self.T[:3, :3] = euler312_to_matrix(np.asarray(pose[3:6], dtype=np.float64)).numpy()
         self.T[:3, 3] = pose[:3]
+        if mirror:
+            self.T = self.T @ np.diag([-1.0, 1.0, 1.0, 1.0])
         self.camera = camera
         self.scale = scale  # output pixels per camera pixel
         self.mm_per_px = -pose[2] / camera.focal_px / scale  # at the part's depth
@@ -130,13 +145,17 @@ class _Projector:
         return mm / self.mm_per_px
 
 
-def _anatomy(rng: np.random.Generator, knee: KneePose, camera: Camera, geom: KneeGeometry, n: int):
-    """Soft-tissue and bone attenuation (Beer–Lambert exponent) on an ``n × n`` grid over the frame."""
+def _anatomy(
+    rng: np.random.Generator, knee: KneePose, camera: Camera, geom: KneeGeometry, n: int, mirror: bool = False
+):
+    """Soft-tissue and bone attenuation (Beer–Lambert exponent) on an ``n × n`` grid over the frame.
+
+    ``geom`` is the right knee's; ``mirror``: the poses are a left knee's (see :class:`_Projector`)."""
     scale = n / camera.width
     grid = np.arange(n, dtype=np.float64) + 0.5  # low-resolution pixel centres
     U, V = np.meshgrid(grid, grid)
-    fem = _Projector(knee.fem, camera, scale)
-    tib = _Projector(knee.tib, camera, scale)
+    fem = _Projector(knee.fem, camera, scale, mirror)
+    tib = _Projector(knee.tib, camera, scale, mirror)
     cx, cy, cz = geom.centre
     r = geom.radius
     tx, ty, tz = geom.tray_top
@@ -231,11 +250,21 @@ def synthesize_frame(
     camera: Camera,
     geom: KneeGeometry,
     circle: tuple[float, float, float],
+    *,
+    look: np.random.Generator | None = None,
+    mirror: bool = False,
 ) -> np.ndarray:
-    """A fluoroscopy-like uint8 frame of the knee, the implants exactly where ``masks`` are."""
+    """A fluoroscopy-like uint8 frame of the knee, the implants exactly where ``masks`` are.
+
+    ``look``: the generator the frame's appearance is drawn from (anatomy sizes, clutter,
+    contrast, blur, display), default ``rng``; the noise always comes from ``rng``. A sequence
+    gives every frame the same ``look`` state, so that only the knee and the noise change.
+    ``mirror``: a left knee (``geom`` the right knee's, see :class:`_Projector`).
+    """
+    p = rng if look is None else look
     size = camera.width
     n = max(64, size // 4)  # smooth anatomy is computed at low resolution, then upsampled
-    low = _anatomy(rng, knee, camera, geom, n) + _clutter(rng, n)
+    low = _anatomy(p, knee, camera, geom, n, mirror) + _clutter(p, n)
     low = cv2.GaussianBlur(low, (0, 0), 1.2 * n / 256)  # soft outlines
     A = cv2.resize(low.astype(np.float32), (size, size), interpolation=cv2.INTER_CUBIC)
     # Implants: radio-opaque, darker where thicker (distance to the silhouette's edge), with a
@@ -244,35 +273,35 @@ def synthesize_frame(
     for mask in masks.values():
         m = mask.astype(np.uint8)
         dist = cv2.distanceTransform(m, cv2.DIST_L2, 3) * np.float32(mm_per_px)
-        thick = 1.0 - np.exp(-dist / np.float32(rng.uniform(1.5, 4.0)))
-        base, gain = rng.uniform(0.35, 0.75), rng.uniform(0.25, 0.7)
-        vary = np.float32(rng.uniform(0.03, 0.1)) * _smooth_field(rng, size, 6)
+        thick = 1.0 - np.exp(-dist / np.float32(p.uniform(1.5, 4.0)))
+        base, gain = p.uniform(0.35, 0.75), p.uniform(0.25, 0.7)
+        vary = np.float32(p.uniform(0.03, 0.1)) * _smooth_field(rng, size, 6)
         A += m * (np.float32(base) + np.float32(gain) * thick + vary)
-    intensity = np.exp(-A * np.float32(rng.uniform(0.85, 1.2)))
+    intensity = np.exp(-A * np.float32(p.uniform(0.85, 1.2)))
     # Detector blur, then quantum noise (Gaussian approximation of Poisson, binned pixels).
-    sigma = rng.uniform(0.4, 1.1) * size / REFERENCE_SIZE
+    sigma = p.uniform(0.4, 1.1) * size / REFERENCE_SIZE
     if sigma >= 0.3:
         intensity = cv2.GaussianBlur(intensity, (0, 0), sigma)
-    photons = rng.uniform(400.0, 3000.0) * (REFERENCE_SIZE / size) ** 2
+    photons = p.uniform(400.0, 3000.0) * (REFERENCE_SIZE / size) ** 2
     noise = rng.standard_normal((size, size), dtype=np.float32)
     intensity = np.maximum(intensity + np.sqrt(np.maximum(intensity, 0) / np.float32(photons)) * noise, 0)
     # Display: gamma, contrast/brightness, vignetting, edge enhancement.
-    white, black = rng.uniform(195.0, 240.0), rng.uniform(0.0, 35.0)
-    img = black + (white - black) * intensity ** np.float32(rng.uniform(0.7, 1.4))
+    white, black = p.uniform(195.0, 240.0), p.uniform(0.0, 35.0)
+    img = black + (white - black) * intensity ** np.float32(p.uniform(0.7, 1.4))
     g = (np.arange(size, dtype=np.float32) + 0.5) - np.float32(circle[0])
     h = (np.arange(size, dtype=np.float32) + 0.5) - np.float32(circle[1])
     r2 = (g[None, :] ** 2 + h[:, None] ** 2) / np.float32(circle[2] ** 2)
-    img *= 1.0 - np.float32(rng.uniform(0.0, 0.25)) * r2
-    unsharp = rng.uniform(0.0, 0.6)
+    img *= 1.0 - np.float32(p.uniform(0.0, 0.25)) * r2
+    unsharp = p.uniform(0.0, 0.6)
     if unsharp > 0.05:
         img += np.float32(unsharp) * (img - cv2.GaussianBlur(img, (0, 0), 3.0 * size / REFERENCE_SIZE + 0.5))
-    img += np.float32(rng.uniform(0.5, 2.5)) * rng.standard_normal((size, size), dtype=np.float32)
+    img += np.float32(p.uniform(0.5, 2.5)) * rng.standard_normal((size, size), dtype=np.float32)
     # Circular collimator: dark outside, a soft edge.
-    edge = max(0.5, rng.uniform(0.002, 0.008) * size)
+    edge = max(0.5, p.uniform(0.002, 0.008) * size)
     inside = np.clip(
         (np.float32(circle[2]) - np.sqrt(r2) * np.float32(circle[2])) / np.float32(edge) + 0.5, 0, 1
     )
-    dark = rng.uniform(0.0, 18.0)
+    dark = p.uniform(0.0, 18.0)
     img = img * inside + np.float32(dark) * (1 - inside)
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
@@ -301,6 +330,8 @@ def generate_study(
     *,
     overwrite: bool = False,
     progress: bool | None = None,
+    sequence: bool = False,
+    side: str = "right",
 ) -> Path:
     """Write a synthetic study of ``frames`` frames (``size × size``) to ``out``; returns ``out``.
 
@@ -310,11 +341,23 @@ def generate_study(
     study's ``calibration.txt`` holds the scaled values); default pd 1198 mm, no offsets,
     0.373 mm pixels at 1024². ``out`` must not exist or be empty, unless ``overwrite``: then a
     previous study's files in it are replaced. ``progress``: a tqdm bar (default: on a TTY).
+
+    ``sequence``: the frames are one smooth knee motion (:mod:`jtml.sim.sequence`: flexion
+    0 → 90 → 0° with coupled internal rotation and rollback, a slowly drifting view, one
+    collimator and one look for the whole study) instead of independent random knees. ``side``
+    (sequences only): ``"right"`` or ``"left"``; a left study's built-in implants are the right
+    ones mirrored x → −x (given ``models`` are taken as they are: left implants) and its poses
+    the mirror image of the right study of the same seed.
     Same arguments, same bytes. Bad input raises :class:`JTMLError` before anything is written.
     """
     frames = _check_int("frames", frames, 1)
     seed = _check_int("seed", seed, 0)
     size = _check_int("size", size, MIN_SIZE, MAX_SIZE)
+    if side not in SIDES:
+        raise JTMLError(f"side must be 'left' or 'right', got {side!r}")
+    if side == "left" and not sequence:
+        raise JTMLError("--side left needs --sequence: random studies are right knees")
+    left = side == "left"
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise JTMLError("output path exists and is not a folder", out)
@@ -325,6 +368,8 @@ def generate_study(
     if unknown:
         raise JTMLError(f"unknown part(s) {', '.join(unknown)}: synthetic studies have {' and '.join(PARTS)}")
     meshes = procedural_models()
+    if left:
+        meshes = {part: mirror_mesh(mesh) for part, mesh in meshes.items()}
     for part, path in models.items():
         meshes[part] = read_stl(path)
     calib = (
@@ -334,7 +379,8 @@ def generate_study(
     )
 
     names = [f"{FRAME_PREFIX}_{i:0{max(4, len(str(frames - 1)))}d}.tif" for i in range(frames)]
-    streams = np.random.default_rng(seed).spawn(frames)
+    root = np.random.default_rng(seed)
+    streams = root.spawn(frames)
     with staged_dir(out) as stage:
         for part in PARTS:
             write_stl(stage / f"{part}.stl", meshes[part])
@@ -346,31 +392,43 @@ def generate_study(
         vertices = {
             part: np.unique(np.asarray(written[part].vertices, dtype=np.float64), axis=0) for part in PARTS
         }
-        geom = KneeGeometry.from_models(written["fem"], written["tib"])
+        # The knee's geometry is read off right implants (a left study's, mirrored back).
+        right = {part: mirror_mesh(m) for part, m in written.items()} if left else written
+        geom = KneeGeometry.from_models(right["fem"], right["tib"])
+        margin = max(2.0, 0.03 * size)
+        plan = plan_study_sequence(seed, frames, written, camera, side, calibration) if sequence else None
         poses = {part: np.zeros((frames, 6)) for part in PARTS}
         show = sys.stderr.isatty() if progress is None else progress
         for i in tqdm(range(frames), desc="synth", unit="frame", disable=not show):
             rng = streams[i]
-            circle = (
-                size / 2 + rng.normal(0.0, 0.01) * size,
-                size / 2 + rng.normal(0.0, 0.01) * size,
-                rng.uniform(0.44, 0.53) * size,
-            )
-            margin = max(2.0, 0.03 * size)
-            for _ in range(MAX_ATTEMPTS):
-                knee = sample_knee(rng, geom, vertices, camera, circle, margin)
-                if knee is None:
-                    continue
-                masks = {"fem": renderers["fem"].render(knee.fem), "tib": renderers["tib"].render(knee.tib)}
-                if all(m.any() for m in masks.values()):
-                    break
+            if plan is not None:
+                knee = plan.knees[i]
+                masks = {part: renderers[part].render(getattr(knee, part)) for part in PARTS}
+                if not all(m.any() for m in masks.values()):
+                    raise JTMLError(
+                        f"frame {i}: an implant renders to no pixel at {size}x{size}", calibration
+                    )
+                look = np.random.default_rng(plan.look_seed)
+                image = synthesize_frame(rng, knee, masks, camera, geom, plan.circle, look=look, mirror=left)
             else:
-                raise JTMLError(
-                    f"cannot fit both implants inside the {size}x{size} field of view after {MAX_ATTEMPTS} "
-                    "tries: are the models in mm, in the lab's model frames, and is the pixel size right?",
-                    calibration,
+                circle = (
+                    size / 2 + rng.normal(0.0, 0.01) * size,
+                    size / 2 + rng.normal(0.0, 0.01) * size,
+                    rng.uniform(0.44, 0.53) * size,
                 )
-            image = synthesize_frame(rng, knee, masks, camera, geom, circle)
+                for _ in range(MAX_ATTEMPTS):
+                    knee = sample_knee(rng, geom, vertices, camera, circle, margin)
+                    if knee is None:
+                        continue
+                    masks = {
+                        "fem": renderers["fem"].render(knee.fem),
+                        "tib": renderers["tib"].render(knee.tib),
+                    }
+                    if all(m.any() for m in masks.values()):
+                        break
+                else:
+                    raise JTMLError(_NO_FIT.format(size=size, attempts=MAX_ATTEMPTS), calibration)
+                image = synthesize_frame(rng, knee, masks, camera, geom, circle)
             frame = stage / names[i]
             write_image(frame, image)
             for part in PARTS:
@@ -383,12 +441,71 @@ def generate_study(
     return out
 
 
+_NO_FIT = (
+    "cannot fit both implants inside the {size}x{size} field of view after {attempts} "
+    "tries: are the models in mm, in the lab's model frames, and is the pixel size right?"
+)
+
+
+@dataclass(frozen=True)
+class SequencePlan:
+    """A sequence study's knees (the poses written), the right-knee motion they follow (the
+    generator's truth: flexion, abduction, internal rotation per frame), its collimator circle
+    and the seed of its look."""
+
+    knees: list[KneePose]
+    motion: KneeMotion
+    circle: tuple[float, float, float]
+    look_seed: int
+
+
+def plan_study_sequence(
+    seed: int,
+    frames: int,
+    models: dict[str, trimesh.Trimesh],
+    camera: Camera,
+    side: str = "right",
+    source: Path | None = None,
+) -> SequencePlan:
+    """The knee motion :func:`generate_study` writes for ``sequence=True``: ``models`` the study's
+    ``side`` implants as written (``fem.stl``, ``tib.stl``), ``camera`` its calibration at the
+    frame size. From the stream of ``seed`` after the frames' (the same for both sides, so a left
+    study mirrors the right one of the same seed); ``source`` is named if nothing fits."""
+    left = side == "left"
+    root = np.random.default_rng(seed)
+    root.spawn(frames)  # the frames' noise streams come first, as in generate_study
+    rng = root.spawn(1)[0]
+    vertices = {
+        part: np.unique(np.asarray(models[part].vertices, dtype=np.float64), axis=0) for part in PARTS
+    }
+    # The knee's geometry is read off right implants (a left study's, mirrored back).
+    right = {part: mirror_mesh(models[part]) for part in PARTS} if left else models
+    geom = KneeGeometry.from_models(right["fem"], right["tib"])
+    size = camera.width
+    margin = max(2.0, 0.03 * size)
+    u0 = camera.principal_point[0]
+    for _ in range(MAX_ATTEMPTS):
+        cu = size / 2 + rng.normal(0.0, 0.01) * size
+        circle = (
+            2.0 * u0 - cu if left else cu,
+            size / 2 + rng.normal(0.0, 0.01) * size,
+            rng.uniform(0.44, 0.53) * size,
+        )
+        look_seed = int(rng.integers(0, 2**63))
+        plan = plan_sequence(rng, frames, geom, vertices, camera, circle, margin, side)
+        if plan is not None:
+            return SequencePlan(plan[0], plan[1], circle, look_seed)
+    raise JTMLError(_NO_FIT.format(size=size, attempts=MAX_ATTEMPTS), source)
+
+
 __all__ = [
     "DEFAULT_CALIBRATION",
     "PARTS",
     "REFERENCE_SIZE",
+    "SequencePlan",
     "default_calibration",
     "generate_study",
+    "plan_study_sequence",
     "scaled_calibration",
     "synthesize_frame",
 ]
