@@ -75,7 +75,29 @@ class _Row:
     written: str = "network"
     reason: str = ""
     plausible: str = ""
+    network: np.ndarray | None = None  # the network's own pose, where the written one differs
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _refine_settings(spec: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``refine: {stages: [{range: [6 numbers], …}, …], seed: 0}`` (stages: default
+    :data:`jtml.registration.search.DEFAULT_STAGES`) or None (the network's poses as they are)."""
+    if spec is None or spec is False:
+        return None
+    from jtml.registration.search import DEFAULT_STAGES, Stage
+
+    spec = {} if spec is True else dict(spec)
+    unknown = sorted(set(spec) - {"stages", "seed"})
+    if unknown:
+        raise JTMLError(f"refine: unknown key(s) {unknown}; expected stages and seed")
+    stages = spec.get("stages")
+    if stages is None:
+        stages = DEFAULT_STAGES
+    elif not isinstance(stages, list | tuple) or not stages:
+        raise JTMLError(f"refine: stages must be a non-empty list of stages, got {stages!r}")
+    else:
+        stages = tuple(Stage.from_dict(dict(st)) for st in stages)
+    return {"stages": tuple(stages), "seed": int(spec.get("seed", 0))}
 
 
 def _fmt(v: Any) -> str:
@@ -104,6 +126,7 @@ class PosePredictionWriter(PredictionFolderWriter):
         twin_margin: float = 0.01,
         varus_margin: float = 3.0,
         min_iou: float = 0.85,
+        refine: dict[str, Any] | None = None,
         femur: str = "fem",
         tibia: str = "tib",
     ) -> None:
@@ -124,6 +147,7 @@ class PosePredictionWriter(PredictionFolderWriter):
         self._renderers: dict[tuple[str, tuple[float, ...]], SilhouetteRenderer] = {}
         self._trap: set[str] = set()
         self.side: str | None = None
+        self.refine = _refine_settings(refine)
 
     def reset(self) -> None:
         self.written, self._rows, self._renderers = [], [], {}
@@ -164,6 +188,30 @@ class PosePredictionWriter(PredictionFolderWriter):
         if row.twin is not None:
             row.twin_iou, row.twin_cost = float(c["iou"][1]), float(c["cost"][1])
 
+    def _refine(self, row: _Row, mask_path: Any, camera: np.ndarray) -> None:
+        """Registration from the network's pose (and, for a trap part, from its twin): the network
+        gives the optimizer its starting guess, as in the JointTrack workflow."""
+        from jtml.registration.search import refine_with_twin
+
+        if not math.isfinite(row.iou):  # no model, mask or pose: nothing to register
+            return
+        target = SilhouetteTarget.from_mask(read_image(mask_path) > 0)
+        renderer = self._renderer(row.part, camera)
+        stages, seed = self.refine["stages"], self.refine["seed"]
+        row.network = row.pose.copy()
+        row.extra.update(network_iou=row.iou)
+        # every part from its pose and its twin's: a network's tilt can fall in the twin's basin even
+        # for a femoral component (nearly symmetric medio-laterally), and the silhouettes decide
+        res = refine_with_twin(renderer, target, row.pose, stages, seed)
+        best, other = res.best, res.other
+        row.extra.update(ambiguity=float(res.ambiguity))
+        row.written = "twin" if res.chose_twin else "network"
+        row.pose, row.twin = best.pose, other.pose
+        row.iou, row.cost, row.twin_iou, row.twin_cost = best.iou, best.cost, other.iou, other.cost
+        seconds = best.seconds + other.seconds
+        evaluations, hit = best.evaluations + other.evaluations, best.hit_bounds
+        row.extra.update(refined=1, evaluations=int(evaluations), seconds=float(seconds), hit_bounds=int(hit))
+
     def write_on_batch_end(
         self,
         trainer: pl.Trainer,
@@ -189,6 +237,8 @@ class PosePredictionWriter(PredictionFolderWriter):
             item = items[int(batch_indices[i])] if items is not None and batch_indices is not None else None
             mask_path = None if item is None else item.row.masks.get(row.part)
             self._score(row, mask_path, cameras[i])
+            if self.refine is not None:
+                self._refine(row, mask_path, cameras[i])
             self._rows.append(row)
 
     @staticmethod
@@ -227,7 +277,7 @@ class PosePredictionWriter(PredictionFolderWriter):
                 t.pose, t.twin = t.twin, t.pose
                 t.iou, t.twin_iou = t.twin_iou, t.iou
                 t.cost, t.twin_cost = t.twin_cost, t.cost
-                t.written = "twin"
+                t.written = "twin" if t.written == "network" else "network"
 
     def _check_side(self, study: str, fem: dict[int, _Row], tib: dict[int, _Row]) -> None:
         """Mark each frame's knee plausible or not for the trained side; warn when most are not."""
@@ -266,7 +316,7 @@ class PosePredictionWriter(PredictionFolderWriter):
                     low
                     or r.plausible == "no"
                     or r.reason.startswith("ambiguous")
-                    or bool(r.extra.get("review"))
+                    or bool(r.extra.get("hit_bounds"))
                 )
                 values = [r.frame, r.part, r.iou, r.cost, r.twin_iou, r.twin_cost, r.written, r.reason]
                 w.writerow(
@@ -290,7 +340,12 @@ class PosePredictionWriter(PredictionFolderWriter):
             by_study.setdefault(r.study, {}).setdefault(r.part, {})[r.pos] = r
         for study, parts in sorted(by_study.items()):
             fem, tib = parts.get(self.femur, {}), parts.get(self.tibia, {})
-            network = {pos: r.pose.copy() for pos, r in tib.items()}
+            network = {
+                part: {
+                    pos: (r.network if r.network is not None else r.pose).copy() for pos, r in rows_.items()
+                }
+                for part, rows_ in parts.items()
+            }
             if self.trap_rule != "none" and self.tibia in self._trap | (
                 {self.tibia} if self.trap_rule == "varus_valgus" else set()
             ):
@@ -301,18 +356,21 @@ class PosePredictionWriter(PredictionFolderWriter):
                 table = np.full((n, 6), np.nan)
                 for pos, r in table_rows.items():
                     table[pos] = r.pose
-                if part == self.tibia and any(r.written == "twin" for r in table_rows.values()):
+                changed = [r for r in table_rows.values() if r.written == "twin" or r.network is not None]
+                if changed:
                     own = np.full((n, 6), np.nan)
-                    for pos, pose in network.items():
+                    for pos, pose in network[part].items():
                         own[pos] = pose
                     path = out / study / f"{part}_network.{'jtak' if np.isnan(own).any() else 'jts'}"
                     write_poses(path, own)
                     self.written.append(path)
                     swapped = sum(r.written == "twin" for r in table_rows.values())
-                    self._say(
-                        f"{study}: wrote the symmetric twin for {swapped} of {n} {part} pose(s); "
-                        f"network poses: {path}"
+                    what = (
+                        "registered"
+                        if self.refine is not None
+                        else f"wrote the symmetric twin for {swapped} of"
                     )
+                    self._say(f"{study}: {what} {n} {part} pose(s); the network's own poses: {path}")
                 missing = np.isnan(table).any(axis=1)
                 path = out / study / f"{part}.{'jtak' if missing.any() else 'jts'}"
                 write_poses(path, table)
