@@ -41,10 +41,10 @@ from pose_kneel1 import jtml, machine  # noqa: E402
 
 from jtml.cli.score_poses import score  # noqa: E402
 from jtml.data.degrade import degrade_mask  # noqa: E402
-from jtml.geometry import Camera, SilhouetteRenderer  # noqa: E402
+from jtml.geometry import Camera, SilhouetteRenderer, euler312_to_matrix  # noqa: E402
 from jtml.geometry.knee import mirror_mesh, mirror_pose_rows  # noqa: E402
 from jtml.geometry.roi import in_plane_rotation_matrix, rotate_pose_in_plane  # noqa: E402
-from jtml.io import read_calibration, read_image, read_stl, write_image, write_mask, write_poses  # noqa: E402
+from jtml.io import read_calibration, read_image, read_poses, read_stl, write_image, write_mask, write_poses  # noqa: E402
 from jtml.io.calibration import Calibration, write_calibration  # noqa: E402
 from jtml.io.mesh import write_stl  # noqa: E402
 from jtml.io.study import label_path, load_study  # noqa: E402
@@ -133,17 +133,12 @@ def build(data: Path, work: Path) -> dict[str, Path]:
     return out
 
 
-def train(study: Path, seed: int, root: Path, side: str, extra: list[str]) -> tuple[str, float]:
+def _common(study: Path) -> list[str]:
+    """The default YAML with the study's STLs and calibration (what a user gives)."""
     s = load_study(study)
-    t0 = time.time()
-    args = [
-        "fit",
+    return [
         "--config",
         str(ROOT / "experiments" / "pose_from_mask.yaml"),
-        "--seed_everything",
-        str(seed),
-        "--trainer.default_root_dir",
-        str(root),
         "--trainer.enable_progress_bar",
         "false",
         "--data.init_args.models.fem",
@@ -152,43 +147,33 @@ def train(study: Path, seed: int, root: Path, side: str, extra: list[str]) -> tu
         str(s.models["tib"]),
         "--data.init_args.calibration",
         str(s.calibration),
-        *(["--data.init_args.side", side] if side != "right" else []),
-        *extra,
     ]
-    summary = json.loads(jtml(*args)[-1])
+
+
+def train(study: Path, seed: int, root: Path, side: str, extra: list[str]) -> tuple[str, float]:
+    t0 = time.time()
+    args = ["fit", *_common(study), "--seed_everything", str(seed), "--trainer.default_root_dir", str(root)]
+    args += ["--data.init_args.side", side] if side != "right" else []
+    summary = json.loads(jtml(*args, *extra)[-1])
     return summary["checkpoint"], time.time() - t0
 
 
-def predict(study: Path, ckpt: str, out: Path) -> tuple[dict[str, Path], float]:
-    s = load_study(study)
+def predict(study: Path, ckpt: str, out: Path, refine: bool = True) -> tuple[dict[str, Path], float]:
     t0 = time.time()
-    lines = jtml(
-        "predict",
-        "--config",
-        str(ROOT / "experiments" / "pose_from_mask.yaml"),
-        "--ckpt_path",
-        ckpt,
-        "--trainer.enable_progress_bar",
-        "false",
-        "--data.init_args.models.fem",
-        str(s.models["fem"]),
-        "--data.init_args.models.tib",
-        str(s.models["tib"]),
-        "--data.init_args.calibration",
-        str(s.calibration),
-        "--data.init_args.studies",
-        f"[{study}]",
+    args = ["predict", *_common(study), "--ckpt_path", ckpt, "--data.init_args.studies", f"[{study}]"]
+    args += [
         "--trainer.callbacks.init_args.out_dir",
         str(out),
         "--trainer.callbacks.init_args.overwrite",
         "true",
-    )
-    del lines
+    ]
+    jtml(*args, *([] if refine else ["--trainer.callbacks.init_args.refine", "null"]))
     folder = out / study.name
     return {p: next(folder.glob(f"{p}.jt[sa]*")) for p in PARTS}, time.time() - t0
 
 
 def scores(study: Path, written: dict[str, Path]) -> dict[str, dict]:
+    """PoseError of the written poses and of the network's own (``<part>_network.jts``), per part."""
     s = load_study(study)
     res = {}
     for p in PARTS:
@@ -201,9 +186,26 @@ def scores(study: Path, written: dict[str, Path]) -> dict[str, dict]:
     return res
 
 
+def geodesic(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-row rotation error (°) between pose rows."""
+    Ra, Rb = (euler312_to_matrix(np.asarray(x, dtype=np.float64)[:, 3:]).numpy() for x in (a, b))
+    cos = (np.trace(np.swapaxes(Ra, 1, 2) @ Rb, axis1=1, axis2=2) - 1) / 2
+    return np.degrees(np.arccos(np.clip(cos, -1, 1)))
+
+
+def worse_by_twin_rule(study: Path, written: dict[str, Path]) -> int:
+    """Frames where the pose-or-twin choice (no registration) is further from the truth than the
+    network's own pose (by more than 0.01°)."""
+    s = load_study(study)
+    own = written["tib"].with_name("tib_network.jts")
+    if not own.is_file():
+        return 0
+    truth = s.read_poses("tib")
+    return int((geodesic(read_poses(written["tib"]), truth) > geodesic(read_poses(own), truth) + 0.01).sum())
+
+
 def cell(r: dict) -> str:
-    inplane = float(np.mean([r["x"]["mean"], r["y"]["mean"]]))
-    return f"{inplane:.2f} / {r['z']['mean']:.2f} / {r['geodesic']['mean']:.2f}"
+    return f"{r['inplane']['mean']:.2f} / {r['z']['mean']:.2f} / {r['geodesic']['mean']:.2f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -229,10 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     nfd = {p: score(load_study(data).poses[p], data / "FFT" / f"{p}_fft.jts", load_study(data).models[p],
                     load_study(data).calibration, 1024, p) for p in PARTS}  # fmt: skip
     lines = [
-        "| seed | configuration | part | written: in-plane / z mm / geodesic ° "
-        "| network: in-plane / z / geodesic | twin written (frames) | review flags | train min (network) "
-        "| predict s |",
-        "|" + "---|" * 9,
+        "| seed | configuration | part | registered: in-plane / z mm / geodesic ° | network + twin rule "
+        "| network | twin written (registered) | review flags | twin rule worse than network "
+        "| train min | predict s (registered) |",
+        "|" + "---|" * 11,
     ]
     all_results: dict = {}
     for k, seed in enumerate(args.seeds):
@@ -246,20 +248,27 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"seed {seed} {side}: trained in {secs / 60:.1f} min: {ckpts[side]}", flush=True)
         for name in CONFIGS:
             side = "left" if name == "left" else "right"
-            written, secs = predict(
-                studies[name], ckpts[side], args.work / "predictions" / f"seed{seed}" / name
-            )
-            res = scores(studies[name], written)
+            base = args.work / "predictions" / f"seed{seed}"
+            plain, _ = predict(studies[name], ckpts[side], base / f"{name}-network", refine=False)
+            written, secs = predict(studies[name], ckpts[side], base / name)
+            res, rule = scores(studies[name], written), scores(studies[name], plain)
+            worse = worse_by_twin_rule(studies[name], plain)
             all_results[f"{seed}/{name}"] = {
-                p: {k2: v for k2, v in r.items() if k2 != "report"} for p, r in res.items()
+                p: {
+                    "registered": res[p]["written"],
+                    "network": res[p]["network"],
+                    "twin_rule": rule[p]["written"],
+                }
+                for p in PARTS
             }
             for p in PARTS:
                 rep = res[p]["report"]
                 twins = sum(r.get("written") == "twin" for r in rep)
                 flags = sum(r.get("review") == "1" for r in rep)
                 lines.append(
-                    f"| {seed} | {name} | {p} | {cell(res[p]['written'])} | {cell(res[p]['network'])} "
-                    f"| {twins} | {flags} of {len(rep)} | {minutes[side]:.1f} ({side}) | {secs:.0f} |"
+                    f"| {seed} | {name} | {p} | {cell(res[p]['written'])} | {cell(rule[p]['written'])} "
+                    f"| {cell(res[p]['network'])} | {twins} | {flags} of {len(rep)} "
+                    f"| {worse if p == 'tib' else '–'} | {minutes[side]:.1f} ({side}) | {secs:.0f} |"
                 )
             print("\n".join(lines[-2:]), flush=True)
     lines.append("")

@@ -241,13 +241,6 @@ class PosePredictionWriter(PredictionFolderWriter):
                 self._refine(row, mask_path, cameras[i])
             self._rows.append(row)
 
-    @staticmethod
-    def _dataset(trainer: pl.Trainer, dataloader_idx: int) -> Any:
-        loaders = trainer.predict_dataloaders
-        if isinstance(loaders, Sequence):
-            loaders = loaders[dataloader_idx]
-        return loaders.dataset
-
     # -- at the end, on rank zero -----------------------------------------------------------------------
     def _choose_twins(self, fem: dict[int, _Row], tib: dict[int, _Row]) -> None:
         """The trap rule, frame by frame (module docstring); the reason goes in the report."""

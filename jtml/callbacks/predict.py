@@ -174,6 +174,14 @@ class PredictionFolderWriter(BasePredictionWriter):
         return self.root
 
     @staticmethod
+    def _dataset(trainer: pl.Trainer, dataloader_idx: int) -> Any:
+        """The dataset of the predict DataLoader ``dataloader_idx`` (the frames' files)."""
+        loaders = trainer.predict_dataloaders
+        if isinstance(loaders, Sequence):
+            loaders = loaders[dataloader_idx]
+        return loaders.dataset
+
+    @staticmethod
     @rank_zero_only
     def _say(msg: str) -> None:
         """One progress message, on stderr and from rank zero only."""
@@ -199,13 +207,6 @@ class SegmentationPredictionWriter(PredictionFolderWriter):
         trainer.predict_loop.return_predictions = False
 
     # -- writing ---------------------------------------------------------------------------------------
-    @staticmethod
-    def _dataset(trainer: pl.Trainer, dataloader_idx: int) -> Any:
-        loaders = trainer.predict_dataloaders
-        if isinstance(loaders, Sequence):
-            loaders = loaders[dataloader_idx]
-        return loaders.dataset
-
     def write_on_batch_end(
         self,
         trainer: pl.Trainer,
