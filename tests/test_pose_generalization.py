@@ -3,6 +3,8 @@ tracked frames, segmentation-like masks — and what a prediction says when the 
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -264,3 +266,28 @@ def test_predict_registers_the_network_poses_and_reports_each_frame(tmp_path, ca
         written, own = read_poses(folder / f"{part}.jts"), read_poses(folder / f"{part}_network.jts")
         assert written.shape == own.shape == (3, 6) and not np.allclose(written, own)
         assert f"registered 3 {part} pose(s)" in err
+
+
+def test_a_knee_of_the_other_side_is_called_out(kneel1):
+    """kneel1 (a right knee) mirrored into a left knee: plausible for a left-trained network's report,
+    implausible — with a warning — for a right-trained one."""
+    from jtml.callbacks.pose import PosePredictionWriter, _Row
+
+    study = load_study(kneel1)
+    fem, tib = (mirror_pose_rows(study.read_poses(p)) for p in ("fem", "tib"))
+
+    def rows(part, poses):
+        return {i: _Row("s", part, f"f{i}", i, 3, pose) for i, pose in enumerate(poses)}
+
+    for side, warned in (("left", False), ("right", True), ("both", False)):
+        writer = PosePredictionWriter()
+        writer.side = side
+        f, t = rows("fem", fem), rows("tib", tib)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            writer._check_side("s", f, t)
+        said = [str(w.message) for w in caught if "plausible" in str(w.message)]
+        assert bool(said) == warned, (side, said)
+        assert {r.plausible for r in f.values()} == ({"no"} if warned else {"yes"})
+        if warned:
+            assert "side: right" in said[0] and "other side" in said[0]
