@@ -25,6 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("models",),
     ("callbacks",),
     ("runs", "deploy"),
+    ("track",),
     ("cli",),
     ("api",),
 ]
