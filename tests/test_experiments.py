@@ -38,10 +38,32 @@ def _pose_data(tmp: Path) -> list[str]:
     ]  # fmt: skip
 
 
+def _registration_data(tmp: Path) -> list[str]:
+    synth = {"out": str(tmp / "synth"), "frames": 2, "seed": 0, "size": 128}
+    stages = [{"range": [2, 2, 10, 4, 4, 4], "scale": 0.5, "population": 6, "generations": 2}]
+    return ["--data.init_args.synthetic", json.dumps(synth), "--model.init_args.stages", json.dumps(stages)]
+
+
 TINY_DATA = {
     "jtml.data.segmentation.FluoroSegDataModule": _seg_data,
     "jtml.data.pose.FluoroPoseDataModule": _pose_data,
+    "jtml.data.registration.RegistrationDataModule": _registration_data,
 }
+
+
+def _registration_runs_one_fast_predict(config: Path, tmp_path: Path, capsys) -> None:
+    """A registration experiment has nothing to fit: `jtml predict` registers its (tiny) study."""
+    args = ["predict", "--config", str(config), "--trainer.default_root_dir", str(tmp_path / "runs")]
+    code = main([*args, *_registration_data(tmp_path)])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert code == 0, out[-20:]
+    run_dir = Path(json.loads(out[-1])["run_dir"])
+    assert run_dir.parent == tmp_path / "runs" / config.stem
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
+    predictions = run_dir / "predictions"
+    rows = (predictions / "report.csv").read_text().splitlines()
+    assert len(rows) == 1 + 2 * 2  # a header, then 2 frames x 2 parts
+    assert {p.name for p in predictions.glob("*.jt*")} <= {"fem.jts", "tib.jts", "fem.jtak", "tib.jtak"}
 
 
 def test_readme_documents_exactly_the_experiments():
@@ -63,6 +85,9 @@ def test_readme_documents_exactly_the_experiments():
 def test_experiment_runs_one_fast_step(config, tmp_path, capsys):
     spec = yaml.safe_load(config.read_text())
     assert isinstance(spec.get("seed_everything"), int) and not isinstance(spec["seed_everything"], bool)
+    if spec["model"]["class_path"].endswith(".RegistrationModule"):
+        _registration_runs_one_fast_predict(config, tmp_path, capsys)
+        return
     data_class = spec["data"]["class_path"]
     assert data_class in TINY_DATA, f"{config.name}: add tiny-data overrides for {data_class} to this test"
     args = [

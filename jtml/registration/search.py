@@ -1,32 +1,60 @@
 """Staged derivative-free registration of one part in one frame: CMA-ES (the ``cmaes`` package).
 
-Like JTML's staged search: a wide *trunk* stage (at half resolution, cheap), narrower *branch*
-stages at full resolution, and a last stage mostly along the weakly determined out-of-plane axis
-(``z``). Each stage searches offsets from its start, ``±range`` per coordinate
-``(x, y, z mm, z_rot, x_rot, y_rot °)``, and starts from the best pose so far. A result that
-ends within 2 % of a bound of its stage hit the bound (the truth may lie outside) and says so.
+Like JTML's staged search: a wide *trunk* stage (at a fraction of the resolution, cheap),
+narrower *branch* stages, and a last stage mostly along the weakly determined out-of-plane axis
+(depth) at full resolution. Each stage starts from the best pose so far and stops early when its
+best cost has not improved by ``tolerance`` for ``patience`` generations. A result within 2 % of a
+bound of the last stage's box hit the bound (the truth may lie outside) and says so; an earlier
+stage's bound is no limit, since the next stage's box is centred on where it ended.
+
+What a stage searches (``±range`` per coordinate) are offsets that move the silhouette in separate
+ways, so that the search is well conditioned: ``x, y`` (mm) move the model's centre parallel to the
+image plane, ``z`` (mm) slides it along the line of sight through it (the silhouette grows or
+shrinks in place), and ``z_rot, x_rot, y_rot`` (°) turn the model about its centre, about the
+camera's z (in the image plane), x and y axes. Near a pose these are the JointTrack coordinates,
+without the coupling of depth with image position and of rotation with translation that searching
+the pose rows directly has (the rows rotate about the model's origin, and move along z, not the ray).
+
+Every generation's candidates are rendered and scored in one batched call
+(:meth:`SilhouetteTarget.evaluate`; ``batch`` splits it, which suits small CPU caches), and any
+number of searches run in lockstep (:func:`search`), so a GPU sees many poses per call.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import cv2
 import numpy as np
+import torch
 from cmaes import CMA
 
 from jtml.errors import JTMLError
-from jtml.geometry import SilhouetteRenderer, symmetric_twin
+from jtml.geometry import SilhouetteRenderer, matrix_to_pose, pose_to_matrix, symmetric_twin
+from jtml.geometry.render import one_cpu_thread
 from jtml.registration.costs import SilhouetteTarget
 
-__all__ = ["DEFAULT_STAGES", "RefineResult", "Stage", "TwinResult", "refine", "refine_with_twin"]
+__all__ = [
+    "DEFAULT_STAGES",
+    "Prior",
+    "RefineResult",
+    "Stage",
+    "TwinResult",
+    "refine",
+    "refine_with_twin",
+    "search",
+]
+
+Prior = Callable[[torch.Tensor], torch.Tensor]  # (N, 6) pose rows -> (N,) cost added to the image cost
+OUTLIER_PX = 3.0  # a rendered boundary pixel this far (px) from the mask's boundary is an outlier
 
 
 @dataclass(frozen=True)
 class Stage:
-    """One CMA-ES stage: the search box around its start, the render scale and the budget."""
+    """One CMA-ES stage: the search box around its start, the render scale, the budget and when to
+    stop early (``patience`` generations without an improvement of ``tolerance``; 0: never)."""
 
     range: tuple[float, float, float, float, float, float]
     scale: float = 1.0
@@ -34,6 +62,8 @@ class Stage:
     generations: int = 40
     sigma: float = 0.3  # of the box's half-width
     edge_weight: float = 0.02
+    patience: int = 0
+    tolerance: float = 1e-4
 
     @classmethod
     def from_dict(cls, spec: dict[str, Any]) -> Stage:
@@ -45,25 +75,86 @@ class Stage:
             ) from None
         if len(stage.range) != 6 or min(stage.range) <= 0 or not 0 < stage.scale <= 1:
             raise JTMLError(f"stage range must be 6 positive numbers and 0 < scale <= 1, got {spec}")
+        if stage.population < 2 or stage.generations < 1 or stage.sigma <= 0 or stage.patience < 0:
+            raise JTMLError(
+                f"stage needs population >= 2, generations >= 1, sigma > 0, patience >= 0: {spec}"
+            )
         return stage
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "range": list(self.range)}
 
 
 DEFAULT_STAGES = (
-    Stage(range=(10.0, 10.0, 40.0, 15.0, 15.0, 15.0), scale=0.5, population=24, generations=40),
-    Stage(range=(3.0, 3.0, 12.0, 5.0, 5.0, 5.0), population=16, generations=40),
-    Stage(range=(0.5, 0.5, 6.0, 1.0, 1.0, 1.0), population=12, generations=30, edge_weight=0.05),
+    Stage(range=(10.0, 10.0, 40.0, 15.0, 15.0, 15.0), scale=0.5, population=16, generations=30),
+    Stage(range=(3.0, 3.0, 12.0, 5.0, 5.0, 5.0), scale=0.5, population=12, generations=25, patience=6),
+    Stage(
+        range=(0.5, 0.5, 6.0, 1.0, 1.0, 1.0),
+        population=12,
+        generations=25,
+        edge_weight=0.05,
+        patience=8,
+        tolerance=1e-5,
+    ),
 )
 
 
 @dataclass
 class RefineResult:
     pose: np.ndarray  # (6,)
-    cost: float
+    cost: float  # image cost at full resolution (the last stage's edge weight), without the prior
     iou: float
     evaluations: int
     seconds: float
     hit_bounds: bool
-    history: list[float] = field(default_factory=list)  # best cost after each stage
+    history: list[float] = field(default_factory=list)  # best cost (with the prior) after each stage
+    generations: int = 0  # CMA-ES iterations, all stages
+    prior: float = 0.0  # the prior's cost at the result
+    outliers: float = 0.0  # fraction of the rendered boundary > OUTLIER_PX from the mask's
+    stage_seconds: list[float] = field(default_factory=list)
+
+
+class _Search:
+    """One search's state between generations."""
+
+    def __init__(self, start: np.ndarray) -> None:
+        start = np.asarray(start, dtype=np.float64)
+        if start.shape != (6,) or not np.isfinite(start).all():
+            raise JTMLError(f"a start pose needs 6 finite numbers, got {start.tolist()}")
+        self.best = start.copy()
+        self.evaluations = self.generations = 0
+        self.hit = False
+        self.history: list[float] = []
+
+
+def _rotation_vectors(w: torch.Tensor) -> torch.Tensor:
+    """Rotation vectors ``(N, 3)`` (radians) → matrices ``(N, 3, 3)`` (Rodrigues)."""
+    theta = w.norm(dim=1, keepdim=True)
+    k = w / theta.clamp(min=1e-12)
+    K = torch.zeros((len(w), 3, 3), dtype=w.dtype, device=w.device)
+    K[:, 0, 1], K[:, 0, 2], K[:, 1, 2] = -k[:, 2], k[:, 1], -k[:, 0]
+    K = K - K.transpose(1, 2)
+    s, c = torch.sin(theta)[:, :, None], torch.cos(theta)[:, :, None]
+    return torch.eye(3, dtype=w.dtype, device=w.device) + s * K + (1 - c) * (K @ K)
+
+
+def offset_poses(centre: np.ndarray, offsets: np.ndarray, pivot: np.ndarray) -> np.ndarray:
+    """Pose rows ``(N, 6)`` at search ``offsets`` ``(N, 6)`` (module docstring: ``x, y, z`` mm,
+    ``z_rot, x_rot, y_rot`` °) from the pose row ``centre``; ``pivot``: the model's centre (model
+    coordinates), what the offsets move and turn about."""
+    T0 = pose_to_matrix(torch.as_tensor(centre, dtype=torch.float64))
+    off = torch.as_tensor(offsets, dtype=torch.float64).reshape(-1, 6)
+    p = torch.as_tensor(pivot, dtype=torch.float64)
+    c = T0[:3, :3] @ p + T0[:3, 3]  # the centre in the camera
+    shifted = c + torch.nn.functional.pad(off[:, :2], (0, 1))
+    moved = shifted * ((shifted[:, 2:] + off[:, 2:3]) / shifted[:, 2:])  # along the line of sight
+    w = torch.deg2rad(off[:, [4, 5, 3]])  # about the camera's x, y, z
+    R = _rotation_vectors(w) @ T0[:3, :3]
+    T = torch.zeros((len(off), 4, 4), dtype=torch.float64)
+    T[:, :3, :3] = R
+    T[:, :3, 3] = moved - R @ p
+    T[:, 3, 3] = 1.0
+    return matrix_to_pose(T).numpy()
 
 
 def _scaled(
@@ -74,61 +165,155 @@ def _scaled(
         return renderer, target
     cam = renderer.camera
     w, h = max(8, round(cam.width * scale)), max(8, round(cam.height * scale))
-    small = renderer.with_camera(cam.scaled(w, h))
-    mask = cv2.resize(target.mask.astype(np.float32), (w, h), interpolation=cv2.INTER_AREA) > 0.5
-    return small, SilhouetteTarget.from_mask(mask)
+    return renderer.with_camera(cam.scaled(w, h)), target.at_size(w, h)
+
+
+def _score(
+    renderer: SilhouetteRenderer,
+    target: SilhouetteTarget,
+    poses: np.ndarray,
+    edge_weight: float,
+    prior: Prior | None,
+    batch: int | None,
+) -> np.ndarray:
+    """Image cost (+ prior) of pose rows, rendered ``batch`` at a time (None: one at a time on a CPU,
+    whose caches favour small calls, and all at once on a GPU)."""
+    step = int(batch) if batch else (1 if renderer.device.type == "cpu" else len(poses))
+    all_poses = torch.as_tensor(poses, device=renderer.device)
+    costs = [
+        target.evaluate(renderer, all_poses[i : i + step], edge_weight)["cost"]
+        for i in range(0, len(poses), max(step, 1))
+    ]
+    if not costs:
+        return np.zeros(0)
+    cost = torch.cat(costs)
+    if prior is not None:  # one call for the whole generation
+        cost = cost + prior(all_poses)
+    return cost.cpu().numpy()
+
+
+def search(
+    renderer: SilhouetteRenderer,
+    target: SilhouetteTarget,
+    starts: Sequence[np.ndarray],
+    stages: Sequence[Stage] = DEFAULT_STAGES,
+    seed: int = 0,
+    prior: Prior | None = None,
+    batch: int | None = None,
+) -> list[RefineResult]:
+    """Independent staged searches from each of ``starts``, run in lockstep: every generation's
+    candidates of every search are scored together (one batched render call, split by ``batch``)."""
+    with one_cpu_thread(renderer.device):
+        return _search(renderer, target, starts, stages, seed, prior, batch)
+
+
+def _search(
+    renderer: SilhouetteRenderer,
+    target: SilhouetteTarget,
+    starts: Sequence[np.ndarray],
+    stages: Sequence[Stage],
+    seed: int,
+    prior: Prior | None,
+    batch: int | None,
+) -> list[RefineResult]:
+    t0 = time.perf_counter()
+    runs = [_Search(s) for s in starts]
+    if not stages:
+        raise JTMLError("registration needs at least one stage")
+    v = renderer.vertices
+    pivot = ((v.min(dim=0).values + v.max(dim=0).values) / 2).cpu().numpy()
+    stage_seconds: list[float] = []
+    for k, stage in enumerate(stages):
+        ts = time.perf_counter()
+        r, t = _scaled(renderer, target, stage.scale)
+        half = np.asarray(stage.range)
+        centres = np.stack([run.best for run in runs])
+        # only the faces that a pose in this stage's box can turn to the source (the same pixels)
+        r = r.near(centres, float(np.linalg.norm(half[3:])), float(np.linalg.norm(half[:3])))
+        # the start of the stage, judged at its resolution: a stage never ends worse than it began
+        best = _score(r, t, centres, stage.edge_weight, prior, batch)
+        best_x = np.zeros((len(runs), 6))
+        stale = np.zeros(len(runs), dtype=int)
+        opts = [
+            CMA(
+                mean=np.zeros(6),
+                sigma=stage.sigma,
+                bounds=np.tile([-1.0, 1.0], (6, 1)),
+                population_size=stage.population,
+                seed=seed + k,
+            )
+            for _ in runs
+        ]
+        active = list(range(len(runs)))
+        for run in runs:
+            run.evaluations += 1
+        for _ in range(stage.generations):
+            if not active:
+                break
+            xs = {i: np.stack([opts[i].ask() for _ in range(opts[i].population_size)]) for i in active}
+            poses = np.concatenate([offset_poses(centres[i], xs[i] * half, pivot) for i in active])
+            costs = _score(r, t, poses, stage.edge_weight, prior, batch)
+            still = []
+            for j, i in enumerate(active):
+                c = costs[j * stage.population : (j + 1) * stage.population]
+                opts[i].tell(list(zip(xs[i], c, strict=True)))
+                runs[i].evaluations += len(c)
+                runs[i].generations += 1
+                m = int(np.argmin(c))
+                improved = c[m] < best[i] - stage.tolerance
+                if c[m] < best[i]:
+                    best[i], best_x[i] = float(c[m]), xs[i][m]
+                stale[i] = 0 if improved else stale[i] + 1
+                if not (opts[i].should_stop() or (stage.patience and stale[i] >= stage.patience)):
+                    still.append(i)
+            active = still
+        for i, run in enumerate(runs):
+            run.best = offset_poses(centres[i], best_x[i][None] * half, pivot)[0]
+            run.hit = bool((np.abs(best_x[i]) > 0.98).any())  # the last stage's says it
+            run.history.append(float(best[i]))
+        stage_seconds.append((time.perf_counter() - ts) / len(runs))
+    edge_weight = stages[-1].edge_weight
+    final = target.evaluate(
+        renderer,
+        torch.as_tensor(np.stack([run.best for run in runs]), device=renderer.device),
+        edge_weight,
+        OUTLIER_PX,
+    )
+    priors = (
+        prior(torch.as_tensor(np.stack([run.best for run in runs]), device=renderer.device)).cpu().numpy()
+        if prior is not None
+        else np.zeros(len(runs))
+    )
+    seconds = (time.perf_counter() - t0) / len(runs)
+    return [
+        RefineResult(
+            pose=run.best,
+            cost=float(final["cost"][i]),
+            iou=float(final["iou"][i]),
+            evaluations=run.evaluations + 1,
+            seconds=seconds,
+            hit_bounds=run.hit,
+            history=run.history,
+            generations=run.generations,
+            prior=float(priors[i]),
+            outliers=float(final["outliers"][i]),
+            stage_seconds=stage_seconds,
+        )
+        for i, run in enumerate(runs)
+    ]
 
 
 def refine(
     renderer: SilhouetteRenderer,
     target: SilhouetteTarget,
     start: np.ndarray,
-    stages: tuple[Stage, ...] = DEFAULT_STAGES,
+    stages: Sequence[Stage] = DEFAULT_STAGES,
     seed: int = 0,
+    prior: Prior | None = None,
+    batch: int | None = None,
 ) -> RefineResult:
     """The pose (near ``start``) whose silhouette best matches ``target``, stage by stage."""
-    t0 = time.perf_counter()
-    best = np.asarray(start, dtype=np.float64).copy()
-    if best.shape != (6,) or not np.isfinite(best).all():
-        raise JTMLError(f"a start pose needs 6 finite numbers, got {best.tolist()}")
-    evaluations, hit, history = 0, False, []
-    for k, stage in enumerate(stages):
-        r, t = _scaled(renderer, target, stage.scale)
-        half = np.asarray(stage.range)
-        centre = best.copy()
-        # the start of the stage, judged at its resolution: a stage never ends worse than it began
-        stage_best, stage_x = float(t.costs(r, centre[None], stage.edge_weight)["cost"][0]), np.zeros(6)
-        opt = CMA(
-            mean=np.zeros(6),
-            sigma=stage.sigma,
-            bounds=np.tile([-1.0, 1.0], (6, 1)),
-            population_size=stage.population,
-            seed=seed + k,
-        )
-        for _ in range(stage.generations):
-            xs = np.stack([opt.ask() for _ in range(opt.population_size)])
-            costs = t.costs(r, centre + xs * half, stage.edge_weight)["cost"]
-            evaluations += len(xs)
-            opt.tell(list(zip(xs, costs, strict=True)))
-            i = int(np.argmin(costs))
-            if costs[i] < stage_best:
-                stage_best, stage_x = float(costs[i]), xs[i]
-            if opt.should_stop():
-                break
-        best = centre + stage_x * half
-        hit |= bool((np.abs(stage_x) > 0.98).any())
-        history.append(stage_best)
-    final = target.costs(renderer, best[None], stages[-1].edge_weight if stages else 0.02)
-    best_cost = float(final["cost"][0])
-    return RefineResult(
-        pose=best,
-        cost=best_cost,
-        iou=float(final["iou"][0]),
-        evaluations=evaluations,
-        seconds=time.perf_counter() - t0,
-        hit_bounds=hit,
-        history=history,
-    )
+    return search(renderer, target, [start], stages, seed, prior, batch)[0]
 
 
 @dataclass
@@ -140,25 +325,62 @@ class TwinResult:
     chose_twin: bool
     ambiguity: float  # best cost / other cost: near 1, the silhouette cannot tell them apart
     review: bool  # doubtful: low IoU, ambiguous twin, or a search bound was hit
+    seconds: float = 0.0  # both searches
 
 
 def refine_with_twin(
     renderer: SilhouetteRenderer,
     target: SilhouetteTarget,
     start: np.ndarray,
-    stages: tuple[Stage, ...] = DEFAULT_STAGES,
+    stages: Sequence[Stage] = DEFAULT_STAGES,
     seed: int = 0,
     min_iou: float = 0.98,
     ambiguous: float = 0.8,
+    prior: Prior | None = None,
+    batch: int | None = None,
+    twin_skip: int = 1,
+    decisive: float = 1.25,
 ) -> TwinResult:
-    """The symmetric trap handled inside the search: refine ``start`` and its twin
-    (:func:`jtml.geometry.symmetric_twin`), keep the lower cost. ``review`` when the kept pose's IoU is
-    below ``min_iou``, the two costs are within ``ambiguous`` of each other, or a bound was hit."""
+    """The symmetric trap handled inside the search: refine ``start``, then the symmetric twin
+    (:func:`jtml.geometry.symmetric_twin`) of the result through all but the first ``twin_skip``
+    stages (the twin of the best pose in one basin lies near the best of the other), and keep the
+    lower cost (with the prior). The twin's search stops after a stage whose cost is ``decisive``
+    times the start's at that stage or more: it cannot win (an asymmetric part's twin), and its
+    last stage would only polish it. ``review`` when the kept pose's IoU is below ``min_iou``, the
+    two costs are within ``ambiguous`` of each other, or a bound was hit."""
+    t0 = time.perf_counter()
     start = np.asarray(start, dtype=np.float64)
-    own = refine(renderer, target, start, stages, seed)
-    twin = refine(renderer, target, symmetric_twin(start[None]).numpy()[0], stages, seed)
-    chose_twin = twin.cost < own.cost
+    own = refine(renderer, target, start, stages, seed, prior, batch)
+    skip = min(twin_skip, len(stages) - 1)
+    pose = symmetric_twin(own.pose[None]).numpy()[0]
+    parts: list[RefineResult] = []
+    for k, stage in enumerate(stages[skip:], start=skip):
+        parts.append(refine(renderer, target, pose, [stage], seed + k, prior, batch))
+        pose = parts[-1].pose
+        if k < len(stages) - 1 and parts[-1].history[-1] >= decisive * own.history[k]:
+            break
+    twin = _chained(parts)
+    chose_twin = twin.cost + twin.prior < own.cost + own.prior
     best, other = (twin, own) if chose_twin else (own, twin)
-    ratio = best.cost / other.cost if other.cost > 0 else 1.0
+    total = other.cost + other.prior
+    ratio = (best.cost + best.prior) / total if total > 0 else 1.0
     review = best.iou < min_iou or ratio > ambiguous or best.hit_bounds
-    return TwinResult(best, other, bool(chose_twin), float(ratio), bool(review))
+    return TwinResult(best, other, bool(chose_twin), float(ratio), bool(review), time.perf_counter() - t0)
+
+
+def _chained(parts: list[RefineResult]) -> RefineResult:
+    """One result of searches run one stage after the other (each from the previous one's pose)."""
+    last = parts[-1]
+    return RefineResult(
+        pose=last.pose,
+        cost=last.cost,
+        iou=last.iou,
+        evaluations=sum(p.evaluations for p in parts),
+        seconds=sum(p.seconds for p in parts),
+        hit_bounds=last.hit_bounds,
+        history=[h for p in parts for h in p.history],
+        generations=sum(p.generations for p in parts),
+        prior=last.prior,
+        outliers=last.outliers,
+        stage_seconds=[t for p in parts for t in p.stage_seconds],
+    )
