@@ -11,7 +11,11 @@ From the real kneel1 study it builds, under ``--work``, the held-out configurati
   a left knee; its labels are re-rendered and checked equal to the flipped true labels;
 - ``rot90``, ``rot180``: kneel1 turned in-plane about the principal point (frames warped, poses
   rotated, labels re-rendered);
-- ``degraded``: kneel1 with segmentation-like masks (:func:`jtml.data.degrade.degrade_mask`, seed 0).
+- ``degraded``: kneel1 with segmentation-like masks (:func:`jtml.data.degrade.degrade_mask`, seed 0);
+  ``degraded_edges``: the same without moving the boundary as a whole (ragged edges, holes, overlaps);
+- ``floor``: per degraded configuration, registration started from the TRUE poses — the error the
+  masks themselves impose on any silhouette cost (a boundary dilated by k px reads as the model
+  closer by k/width of its depth).
 
 Then, per seed, it trains two networks with the unchanged default ``experiments/pose_from_mask.yaml``
 — one on kneel1's STLs and calibration (``side: right``, for every configuration but ``left``), one on
@@ -40,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pose_kneel1 import jtml, machine  # noqa: E402
 
 from jtml.cli.score_poses import score  # noqa: E402
-from jtml.data.degrade import degrade_mask  # noqa: E402
+from jtml.data.degrade import MaskDegradation, degrade_mask  # noqa: E402
 from jtml.geometry import Camera, SilhouetteRenderer, euler312_to_matrix  # noqa: E402
 from jtml.geometry.knee import mirror_mesh, mirror_pose_rows  # noqa: E402
 from jtml.geometry.roi import in_plane_rotation_matrix, rotate_pose_in_plane  # noqa: E402
@@ -51,7 +55,7 @@ from jtml.io.study import label_path, load_study  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("fem", "tib")
-CONFIGS = ("kneel1", "left", "rot90", "rot180", "degraded")
+CONFIGS = ("kneel1", "left", "rot90", "rot180", "degraded", "degraded_edges")
 
 
 def _render_labels(study: Path, meshes: dict, camera: Camera, poses: dict, frames: list[Path]) -> None:
@@ -115,21 +119,28 @@ def build(data: Path, work: Path) -> dict[str, Path]:
             write_poses(d / f"{p}.jts", rot[p])
         _render_labels(d, meshes, camera, rot, frames)
         out[f"rot{deg}"] = d
-    # degraded masks
-    d = work / "degraded"
-    d.mkdir(parents=True)
-    shutil.copy(src.calibration, d / "calibration.txt")
-    for p in PARTS:
-        shutil.copy(src.models[p], d / src.models[p].name)
-        shutil.copy(src.poses[p], d / f"{p}.jts")
-    rng = np.random.default_rng(0)
-    for f in src.frames:
-        shutil.copy(f, d / f.name)
-        masks = {p: read_image(label_path(data, p, f)) > 0 for p in PARTS}
+    # degraded masks: everything MaskDegradation does; and the same without moving the boundary as a
+    # whole (ragged edges, holes, overlaps), since a boundary moved by k px out of a silhouette d px
+    # wide is the silhouette of the model k/d of its depth closer: no cost can tell the two apart
+    for name, degradation in (
+        ("degraded", None),
+        ("degraded_edges", MaskDegradation(p=1.0, boundary_px=0.0)),
+    ):
+        d = work / name
+        d.mkdir(parents=True)
+        shutil.copy(src.calibration, d / "calibration.txt")
         for p in PARTS:
-            other = masks["tib" if p == "fem" else "fem"]
-            write_mask(label_path(d, p, d / f.name), degrade_mask(masks[p], rng, other).astype(np.uint8))
-    out["degraded"] = d
+            shutil.copy(src.models[p], d / src.models[p].name)
+            shutil.copy(src.poses[p], d / f"{p}.jts")
+        rng = np.random.default_rng(0)
+        for f in src.frames:
+            shutil.copy(f, d / f.name)
+            masks = {p: read_image(label_path(data, p, f)) > 0 for p in PARTS}
+            for p in PARTS:
+                other = masks["tib" if p == "fem" else "fem"]
+                degraded = degrade_mask(masks[p], rng, other, degradation)
+                write_mask(label_path(d, p, d / f.name), degraded.astype(np.uint8))
+        out[name] = d
     return out
 
 
@@ -204,6 +215,30 @@ def worse_by_twin_rule(study: Path, written: dict[str, Path]) -> int:
     return int((geodesic(read_poses(written["tib"]), truth) > geodesic(read_poses(own), truth) + 0.01).sum())
 
 
+def floor(study: Path) -> dict[str, dict]:
+    """PoseError of registration started from the true poses (the masks' own optimum)."""
+    from jtml.registration.frame import register_frame
+
+    s = load_study(study)
+    calib = read_calibration(s.calibration)
+    h, w = read_image(s.frames[0]).shape[:2]
+    cam = Camera.from_calibration(calib, w, h)
+    renderers = {p: SilhouetteRenderer(read_stl(s.models[p]), cam) for p in PARTS}
+    truth = {p: s.read_poses(p) for p in PARTS}
+    found = {p: np.zeros_like(truth[p]) for p in PARTS}
+    for i, f in enumerate(s.frames):
+        masks = {p: read_image(label_path(study, p, f)) > 0 for p in PARTS}
+        res = register_frame(renderers, masks, {p: truth[p][i] for p in PARTS})
+        for p in PARTS:
+            found[p][i] = res[p].pose
+    out = {}
+    for p in PARTS:
+        path = study / f"floor_{p}.jts"
+        write_poses(path, found[p])
+        out[p] = score(s.poses[p], path, s.models[p], s.calibration, w, p)
+    return out
+
+
 def cell(r: dict) -> str:
     return f"{r['inplane']['mean']:.2f} / {r['z']['mean']:.2f} / {r['geodesic']['mean']:.2f}"
 
@@ -271,6 +306,10 @@ def main(argv: list[str] | None = None) -> int:
                     f"| {worse if p == 'tib' else '–'} | {minutes[side]:.1f} ({side}) | {secs:.0f} |"
                 )
             print("\n".join(lines[-2:]), flush=True)
+    for name in ("degraded", "degraded_edges"):
+        res = floor(studies[name])
+        for p in PARTS:
+            lines.append(f"| – | {name}: from the true pose | {p} | {cell(res[p])} | | | | | | | |")
     lines.append("")
     lines.append(
         "NFD fft on kneel1 (in-plane / z / geodesic): " + ", ".join(f"{p} {cell(nfd[p])}" for p in PARTS)

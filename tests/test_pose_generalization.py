@@ -215,14 +215,15 @@ def test_degraded_training_renders_keep_the_pose_and_differ_from_exact_ones():
 
 def test_refine_settings_are_checked():
     from jtml.callbacks.pose import PosePredictionWriter
-    from jtml.registration.search import DEFAULT_STAGES
+    from jtml.registration.frame import RegistrationConfig
 
-    assert PosePredictionWriter(refine={"seed": 3}).refine == {"stages": tuple(DEFAULT_STAGES), "seed": 3}
+    assert PosePredictionWriter(refine={"seed": 3}).refine == RegistrationConfig(seed=3)
     assert PosePredictionWriter(refine=None).refine is None
     stage = {"range": [1, 1, 5, 2, 2, 2], "generations": 2}
-    assert PosePredictionWriter(refine={"stages": [stage]}).refine["stages"][0].generations == 2
-    for spec, message in [({"stage": []}, "unknown key"), ({"stages": []}, "non-empty list"),
-                          ({"stages": [{"range": [1, 2]}]}, "6 positive numbers")]:  # fmt: skip
+    assert PosePredictionWriter(refine={"stages": [stage]}).refine.stages[0].generations == 2
+    bad = [({"stage": []}, "unknown registration setting"), ({"stages": []}, "non-empty"),
+           ({"stages": [{"range": [1, 2]}]}, "6 positive numbers"), ("fast", "a mapping")]  # fmt: skip
+    for spec, message in bad:
         with pytest.raises(JTMLError, match=message):
             PosePredictionWriter(refine=spec)
 
@@ -250,7 +251,8 @@ def test_predict_registers_the_network_poses_and_reports_each_frame(tmp_path, ca
             "--data.init_args.studies", f"[{study}]"]  # fmt: skip
     assert main(["fit", "--config", config, "--trainer.fast_dev_run", "1", *args]) == 0
     ckpt = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["checkpoint"]
-    small = "{seed: 0, stages: [{range: [4, 4, 30, 10, 10, 10], population: 8, generations: 6}]}"
+    stage = "{range: [4, 4, 30, 10, 10, 10], population: 8, generations: 6}"
+    small = f"{{seed: 0, priors: false, stages: [{stage}]}}"  # the invariant: never worse than its start
     out = tmp_path / "pred"
     pred = ["--ckpt_path", ckpt, "--trainer.callbacks.init_args.out_dir", str(out),
             "--trainer.callbacks.init_args.refine", small]  # fmt: skip
@@ -260,7 +262,7 @@ def test_predict_registers_the_network_poses_and_reports_each_frame(tmp_path, ca
     report = list(csv.DictReader((folder / "report.csv").open()))
     assert len(report) == 6 and {r["refined"] for r in report} == {"1"}
     for r in report:
-        assert float(r["iou"]) >= float(r["network_iou"]) - 1e-9  # never worse than its start
+        assert float(r["cost"]) <= float(r["network_cost"]) + 1e-9  # never worse than its start
         assert int(r["evaluations"]) > 0 and float(r["seconds"]) > 0 and r["written"] in ("network", "twin")
     for part in ("fem", "tib"):
         written, own = read_poses(folder / f"{part}.jts"), read_poses(folder / f"{part}_network.jts")

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import csv
 import math
+import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -76,28 +77,30 @@ class _Row:
     reason: str = ""
     plausible: str = ""
     network: np.ndarray | None = None  # the network's own pose, where the written one differs
+    mask_path: str | None = None
+    camera: tuple[float, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _refine_settings(spec: dict[str, Any] | None) -> dict[str, Any] | None:
-    """``refine: {stages: [{range: [6 numbers], …}, …], seed: 0}`` (stages: default
-    :data:`jtml.registration.search.DEFAULT_STAGES`) or None (the network's poses as they are)."""
+def _refine_settings(spec: dict[str, Any] | bool | None) -> Any:
+    """``refine:`` → a :class:`jtml.registration.frame.RegistrationConfig` (its keys: stages, twin,
+    priors, seed, …; ``{}``: its defaults), or None (``null``: the network's poses as they are)."""
     if spec is None or spec is False:
         return None
-    from jtml.registration.search import DEFAULT_STAGES, Stage
+    from jtml.registration.frame import RegistrationConfig
 
-    spec = {} if spec is True else dict(spec)
-    unknown = sorted(set(spec) - {"stages", "seed"})
-    if unknown:
-        raise JTMLError(f"refine: unknown key(s) {unknown}; expected stages and seed")
-    stages = spec.get("stages")
-    if stages is None:
-        stages = DEFAULT_STAGES
-    elif not isinstance(stages, list | tuple) or not stages:
-        raise JTMLError(f"refine: stages must be a non-empty list of stages, got {stages!r}")
-    else:
-        stages = tuple(Stage.from_dict(dict(st)) for st in stages)
-    return {"stages": tuple(stages), "seed": int(spec.get("seed", 0))}
+    if spec is not True and not isinstance(spec, dict):
+        raise JTMLError(f"refine must be a mapping of registration settings or null, got {spec!r}")
+    return RegistrationConfig.from_dict({} if spec is True else spec)
+
+
+def _gather(trainer: pl.Trainer, items: list[Any]) -> list[Any]:
+    """Every rank's ``items``, on every rank (one process: the list itself)."""
+    if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        gathered: list[Any] = [None] * trainer.world_size
+        torch.distributed.all_gather_object(gathered, items)
+        return [x for part in gathered for x in part]
+    return list(items)
 
 
 def _fmt(v: Any) -> str:
@@ -113,7 +116,10 @@ class PosePredictionWriter(PredictionFolderWriter):
     (the trainer's ``default_root_dir``, which ``jtml predict`` sets to the run's directory); a
     non-empty folder is refused unless ``overwrite``. ``trap_rule``, ``twin_margin``,
     ``varus_margin``: the symmetric-trap choice (module docstring; ``femur``/``tibia`` name the
-    parts). ``min_iou``: a pose whose silhouette IoU is below it is flagged for review. Under DDP
+    parts). ``min_iou``: a pose whose silhouette IoU is below it is flagged for review. ``refine``:
+    registration settings (:class:`jtml.registration.frame.RegistrationConfig`; null: none);
+    ``retries``: how many more times (other seeds) a frame the registration flags is searched, the
+    lowest cost per part kept. Under DDP
     every rank scores its own frames, the rows are gathered and rank zero writes. ``written`` lists
     the files of the last predict run.
     """
@@ -127,6 +133,7 @@ class PosePredictionWriter(PredictionFolderWriter):
         varus_margin: float = 3.0,
         min_iou: float = 0.85,
         refine: dict[str, Any] | None = None,
+        retries: int = 2,
         femur: str = "fem",
         tibia: str = "tib",
     ) -> None:
@@ -148,6 +155,9 @@ class PosePredictionWriter(PredictionFolderWriter):
         self._trap: set[str] = set()
         self.side: str | None = None
         self.refine = _refine_settings(refine)
+        if int(retries) < 0:
+            raise JTMLError(f"retries must be >= 0, got {retries}")
+        self.retries = int(retries)
 
     def reset(self) -> None:
         self.written, self._rows, self._renderers = [], [], {}
@@ -188,30 +198,6 @@ class PosePredictionWriter(PredictionFolderWriter):
         if row.twin is not None:
             row.twin_iou, row.twin_cost = float(c["iou"][1]), float(c["cost"][1])
 
-    def _refine(self, row: _Row, mask_path: Any, camera: np.ndarray) -> None:
-        """Registration from the network's pose (and, for a trap part, from its twin): the network
-        gives the optimizer its starting guess, as in the JointTrack workflow."""
-        from jtml.registration.search import refine_with_twin
-
-        if not math.isfinite(row.iou):  # no model, mask or pose: nothing to register
-            return
-        target = SilhouetteTarget.from_mask(read_image(mask_path) > 0)
-        renderer = self._renderer(row.part, camera)
-        stages, seed = self.refine["stages"], self.refine["seed"]
-        row.network = row.pose.copy()
-        row.extra.update(network_iou=row.iou)
-        # every part from its pose and its twin's: a network's tilt can fall in the twin's basin even
-        # for a femoral component (nearly symmetric medio-laterally), and the silhouettes decide
-        res = refine_with_twin(renderer, target, row.pose, stages, seed)
-        best, other = res.best, res.other
-        row.extra.update(ambiguity=float(res.ambiguity))
-        row.written = "twin" if res.chose_twin else "network"
-        row.pose, row.twin = best.pose, other.pose
-        row.iou, row.cost, row.twin_iou, row.twin_cost = best.iou, best.cost, other.iou, other.cost
-        seconds = best.seconds + other.seconds
-        evaluations, hit = best.evaluations + other.evaluations, best.hit_bounds
-        row.extra.update(refined=1, evaluations=int(evaluations), seconds=float(seconds), hit_bounds=int(hit))
-
     def write_on_batch_end(
         self,
         trainer: pl.Trainer,
@@ -237,14 +223,78 @@ class PosePredictionWriter(PredictionFolderWriter):
             item = items[int(batch_indices[i])] if items is not None and batch_indices is not None else None
             mask_path = None if item is None else item.row.masks.get(row.part)
             self._score(row, mask_path, cameras[i])
-            if self.refine is not None:
-                self._refine(row, mask_path, cameras[i])
+            row.mask_path, row.camera = (None if mask_path is None else str(mask_path)), tuple(cameras[i])
             self._rows.append(row)
+
+    # -- at the end: registration (frames shared out over the ranks), then rank zero writes -----------
+    def _register(self, trainer: pl.Trainer, rows: list[_Row]) -> list[_Row]:
+        """Each frame's parts registered together from the network's poses
+        (:func:`jtml.registration.frame.register_frame`: femur first, the tibia with the knee's
+        priors, each from its pose and its twin's); frame ``k`` on rank ``k mod world size``."""
+        from tqdm import tqdm
+
+        from jtml.registration.frame import register_frame
+
+        frames: dict[tuple[str, int], list[_Row]] = {}
+        for r in rows:
+            frames.setdefault((r.study, r.pos), []).append(r)
+        keys = sorted(frames)[trainer.global_rank :: max(1, trainer.world_size)]
+        done: list[tuple[tuple[str, int], dict[str, Any]]] = []
+        bar = tqdm(
+            keys, desc="registering", unit="frame", disable=not trainer.is_global_zero, file=sys.stderr
+        )
+        for key in bar:
+            part_rows = [r for r in frames[key] if r.part in self._meshes and r.mask_path is not None]
+            if not part_rows:
+                continue
+            renderers = {r.part: self._renderer(r.part, np.asarray(r.camera)) for r in part_rows}
+            masks = {r.part: read_image(r.mask_path) > 0 for r in part_rows}
+            starts = {r.part: r.pose for r in part_rows}
+            results = register_frame(renderers, masks, starts, self.refine)
+            for k in range(1, self.retries + 1):  # a doubtful frame: more searches, other seeds
+                if not any(res.review for res in results.values()):
+                    break
+                again = register_frame(renderers, masks, starts, self.refine, seed=self.refine.seed + k)
+                for part, res in again.items():
+                    old = results[part]
+                    if res.refined and (not old.refined or res.cost < old.cost):
+                        results[part] = res
+            done.append((key, {p: (res.pose, res.row()) for p, res in results.items()}))
+        by_key = dict(_gather(trainer, done))  # a collective: every rank takes part
+        for key, parts in by_key.items():
+            for r in frames[key]:
+                if r.part not in parts:
+                    continue
+                pose, info = parts[r.part]
+                r.network = r.pose.copy()
+                shared = {"refined", "reason", "iou", "cost", "review"}  # columns of the report already
+                r.extra.update(
+                    network_iou=r.iou,
+                    network_cost=r.cost,
+                    **{k: v for k, v in info.items() if k not in shared},
+                )
+                r.extra.update(
+                    refined=int(bool(info["refined"])), registration_review=int(bool(info["review"]))
+                )
+                if not info["refined"]:
+                    r.reason = f"not registered: {info['reason']}"
+                else:
+                    r.pose, r.iou, r.cost = (
+                        np.asarray(pose, dtype=np.float64),
+                        float(info["iou"]),
+                        float(info["cost"]),
+                    )
+                    r.twin, r.twin_iou, r.twin_cost = None, math.nan, math.nan
+                    r.written = "twin" if info["chose_twin"] else "network"
+                    r.reason = "registration: lower cost" if math.isfinite(info["ambiguity"]) else ""
+        return rows
 
     # -- at the end, on rank zero -----------------------------------------------------------------------
     def _choose_twins(self, fem: dict[int, _Row], tib: dict[int, _Row]) -> None:
         """The trap rule, frame by frame (module docstring); the reason goes in the report."""
         for pos, t in tib.items():
+            if t.extra.get("refined"):  # registration chose between the pose and its twin by cost
+                continue
             if t.twin is None:
                 t.twin = symmetric_twin(t.pose[None]).numpy()[0] if np.isfinite(t.pose).all() else None
             if t.twin is None:
@@ -309,7 +359,7 @@ class PosePredictionWriter(PredictionFolderWriter):
                     low
                     or r.plausible == "no"
                     or r.reason.startswith("ambiguous")
-                    or bool(r.extra.get("hit_bounds"))
+                    or bool(r.extra.get("registration_review"))
                 )
                 values = [r.frame, r.part, r.iou, r.cost, r.twin_iou, r.twin_cost, r.written, r.reason]
                 w.writerow(
@@ -320,11 +370,9 @@ class PosePredictionWriter(PredictionFolderWriter):
 
     def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         out = self._output_root(trainer, pl_module)
-        rows = self._rows
-        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            gathered: list[Any] = [None] * trainer.world_size
-            torch.distributed.all_gather_object(gathered, rows)
-            rows = [r for part in gathered for r in part]
+        rows = _gather(trainer, self._rows)
+        if self.refine is not None:
+            rows = self._register(trainer, rows)
         if not trainer.is_global_zero:
             return
         self.written = []
