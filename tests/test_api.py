@@ -86,7 +86,7 @@ def test_pose_estimator_gives_the_writers_poses(pose_run, study, tmp_path):
     frames = list_images(study)
     masks = np.stack([read_mask(study / "Labels" / "fem" / f"{f.stem}_label_fem.tif") for f in frames])
     poses = poser(masks, study / "calibration.txt", part="fem")
-    written = read_poses(out / study.name / "fem.jts")
+    written = read_poses(out / study.name / "fem_network.jts")  # fem.jts: those poses registered
     np.testing.assert_allclose(poses, written, rtol=0, atol=1e-6)  # batch of 1 vs of 8
     empty = poser(np.zeros((1, 128, 128), np.uint8), study / "calibration.txt", part="fem")
     assert np.isnan(empty).all()  # no silhouette, no pose

@@ -1,13 +1,13 @@
 """Silhouette rendering of an STL at a pose: a pixel is set when its centre lies in a triangle.
 
 This is the rule JointTrack's labels follow (see the kneel1 README), reproduced exactly. The
-rasteriser is a vectorised scanline fill in torch, float64 throughout, so the CPU and a GPU give
-the same pixels: every (triangle, row) pair yields a span of pixel centres, spans are accumulated
-as +1/−1 events per row and a cumulative sum fills them. It renders any number of poses in one
-call (:meth:`SilhouetteRenderer.render_windows`, what registration evaluates), one pose for data
-loaders (:meth:`~SilhouetteRenderer.render_window`) or a whole frame
-(:meth:`~SilhouetteRenderer.render`): one implementation behind all of them. No Python loop over
-triangles, no OpenGL context.
+rasteriser is a vectorised scanline fill in torch, float64 throughout (a CPU and a GPU can differ
+only where a pixel centre lies within rounding, ~1e-12 px, of an edge): every (triangle, row) pair
+yields a span of pixel centres, spans are accumulated as +1/−1 events per row and a cumulative sum
+fills them. It renders any number of poses in one call (:meth:`SilhouetteRenderer.render_windows`,
+what registration evaluates), one pose for data loaders (:meth:`~SilhouetteRenderer.render_window`)
+or a whole frame (:meth:`~SilhouetteRenderer.render`): one implementation behind all of them. No
+Python loop over triangles, no OpenGL context; on a CPU with one torch thread (:func:`one_cpu_thread`).
 
 Every render is done inside the window around the projected model: shifting pixel coordinates
 by an integer offset leaves every pixel-centre test unchanged, so the cost is that of the window,
@@ -33,7 +33,7 @@ import torch
 import trimesh
 
 from jtml.errors import JTMLError
-from jtml.geometry.camera import Camera
+from jtml.geometry.camera import Camera, pinhole_project
 from jtml.geometry.rotations import euler312_to_matrix, matrix_to_pose, pose_to_matrix
 
 __all__ = [
@@ -90,22 +90,17 @@ def _rotation_translation(
     return euler312_to_matrix(p[:, 3:]), p[:, :3, None]
 
 
-def _camera_points(vertices: torch.Tensor, T: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """``P = R·p + t`` of ``(V, 3)`` vertices for ``(N, 4, 4)`` transforms: ``(N, V)`` x, y, z.
-
-    Explicit products and sums in a fixed order (no BLAS), so every device gives the same bits."""
-    x, y, z = vertices[:, 0], vertices[:, 1], vertices[:, 2]
-    return tuple(
-        x * T[:, j, 0, None] + y * T[:, j, 1, None] + z * T[:, j, 2, None] + T[:, j, 3, None]
-        for j in range(3)
-    )
+def _camera_points(vertices_t: torch.Tensor, R: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``P = R·p + t`` of vertices ``(3, V)`` for rotations ``(N, 3, 3)``, translations ``(N, 3, 1)``:
+    ``(N, 3, V)`` (rows x, y, z, each contiguous)."""
+    return torch.matmul(R, vertices_t) + t
 
 
-def _pixels(P: tuple[torch.Tensor, ...], camera: Camera) -> tuple[torch.Tensor, torch.Tensor]:
-    """Camera-frame points → pixel ``u, v``: :meth:`Camera.project`'s formula, term for term."""
-    f = camera.focal_px
-    u0, v0 = camera.principal_point
-    return u0 - f * P[0] / P[2], v0 + f * P[1] / P[2]
+def _pixels(P: torch.Tensor, camera: Camera) -> tuple[torch.Tensor, torch.Tensor]:
+    """Camera-frame points ``(N, 3, V)`` → pixel ``u, v`` ``(N, V)``, by the one projection
+    (:func:`jtml.geometry.camera.pinhole_project`, :meth:`Camera.project`'s formula)."""
+    uv = pinhole_project(P.transpose(1, 2), camera.focal_px, *camera.principal_point)
+    return uv[..., 0].contiguous(), uv[..., 1].contiguous()
 
 
 def project_vertices(
@@ -113,9 +108,9 @@ def project_vertices(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Model vertices ``(V, 3)`` through ``(N, 4, 4)`` model-to-camera transforms → pixel coordinates
     ``(N, V, 2)`` and ``(N,)`` True where the model lies at or behind the X-ray source (z ≥ 0)."""
-    P = _camera_points(vertices.to(torch.float64), T)
+    P = _camera_points(vertices.to(torch.float64).T, T[:, :3, :3], T[:, :3, 3:])
     u, v = _pixels(P, camera)
-    return torch.stack([u, v], dim=-1), (P[2] >= 0).any(dim=1)
+    return torch.stack([u, v], dim=-1), (P[:, 2] >= 0).any(dim=1)
 
 
 def _check_pose(pose: np.ndarray) -> np.ndarray:
@@ -450,9 +445,9 @@ class SilhouetteRenderer:
     def _render_windows(self, poses: torch.Tensor | np.ndarray) -> RenderedWindows:
         R, t = _rotation_translation(poses, self.device)
         n, cam = len(R), self.camera
-        P = torch.matmul(R, self._vertices_t) + t  # (N, 3, V) camera-frame vertices
+        P = _camera_points(self._vertices_t, R, t)
         behind = (P[:, 2] >= 0).any(dim=1)
-        u, v = _pixels((P[:, 0], P[:, 1], P[:, 2]), cam)
+        u, v = _pixels(P, cam)
         # The window: the projected model's bounds, one pixel of margin, clipped to the frame.
         (u_lo, u_hi), (v_lo, v_hi) = torch.aminmax(u, dim=1), torch.aminmax(v, dim=1)
         lo = torch.stack([u_lo, v_lo]).floor_() - 1

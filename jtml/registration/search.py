@@ -38,10 +38,12 @@ from jtml.registration.costs import SilhouetteTarget
 
 __all__ = [
     "DEFAULT_STAGES",
+    "OUTLIER_PX",
     "Prior",
     "RefineResult",
     "Stage",
     "TwinResult",
+    "offset_poses",
     "refine",
     "refine_with_twin",
     "search",
