@@ -331,8 +331,8 @@ def test_a_killed_run_resumes_redoes_no_finished_frame_and_equals_an_uninterrupt
             for d in (a, b):
                 d.pop("this_run"), d.pop("out"), d.get("inputs", {}).pop("study", None)
             assert a == b
-        elif rel.suffix in (".jts", ".jtak"):  # the same poses (1e-9: threads may sum in another order)
-            np.testing.assert_allclose(read_poses(out / rel), read_poses(ref / rel), rtol=0, atol=1e-9)
+        elif rel.suffix in (".jts", ".jtak"):  # equal to 1e-6 (another process, another sum order)
+            np.testing.assert_allclose(read_poses(out / rel), read_poses(ref / rel), rtol=0, atol=1e-6)
         elif rel.suffix not in (".png", ".csv"):  # plots: matplotlib may stamp metadata
             assert (out / rel).read_bytes() == (ref / rel).read_bytes(), rel
         elif rel.suffix == ".csv":  # kinematics.csv: from those poses
