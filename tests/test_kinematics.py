@@ -506,3 +506,45 @@ def test_cli_failure_leaves_an_existing_report_untouched(kneel1, tmp_path, capsy
     assert main([*base, "--side", "right", "--fem-model", str(bad)]) == 2
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.stl", "kin"]
+
+
+def _offline_runs(folder: Path) -> list[Path]:
+    return sorted((folder / "wandb").glob("offline-run-*"))
+
+
+def test_cli_wandb_logs_every_curve_per_frame_and_run_adds_to_a_run_directory(kneel1, tmp_path, capsys):
+    """``--wandb``: the same curves as kinematics.csv in the offline W&B run (step = frame) and the
+    plots as images; ``--run DIR``: into that folder's W&B run (the same id, resumed)."""
+    from jtml.runs.wandb_offline import read_offline_run
+
+    out = tmp_path / "kin"
+    args = ["kinematics", "--fem", str(kneel1 / "fem.jts"), "--tib", str(kneel1 / "tib.jts"),
+            "--side", "right"]  # fmt: skip
+    assert main([*args, "--out", str(out), "--wandb", "jtml-test"]) == 0
+    assert "logged" in capsys.readouterr().out
+    (folder,) = _offline_runs(out)
+    run = read_offline_run(folder)
+    k = kin.knee_kinematics(read_poses(kneel1 / "fem.jts"), read_poses(kneel1 / "tib.jts"), "right")
+    for column in (kin.FLEXION, kin.ABDUCTION, kin.INTERNAL, kin.GS_AP):
+        series = run.series(f"kinematics/{column}")
+        assert [s for s, _ in series] == [0, 1, 2] or len(series) == 3
+        np.testing.assert_allclose([v for _, v in series], k[column], atol=1e-9, err_msg=column)
+    steps = [h["trainer/global_step"] for h in run.history if f"kinematics/{kin.FLEXION}" in h]
+    assert steps == [0, 1, 2]
+    (images,) = [h for h in run.history if "kinematics/plots/count" in h]
+    assert images["kinematics/plots/count"] == 3  # no models: rotations, translations, Grood & Suntay
+    assert len(list(folder.glob("files/media/images/kinematics/*.png"))) == 3
+    assert run.config["side"] == "right"
+    # --run: the curves of a second pair go into that run directory's run (resumed, same id)
+    again = tmp_path / "again"
+    assert main([*args, "--out", str(again), "--run", str(out)]) == 0
+    folders = _offline_runs(out)
+    assert len(folders) == 2 and len({f.name.rsplit("-", 1)[-1] for f in folders}) == 1
+    assert not (again / "wandb").exists()
+    # --run without a W&B run: one error, nothing written
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main([*args, "--out", str(tmp_path / "none"), "--run", str(empty)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds no W&B run" in err[0] and str(empty) in err[0]
+    assert not (tmp_path / "none").exists()

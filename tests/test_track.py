@@ -268,6 +268,37 @@ def test_backward_pass_and_se3_smoothing(setup):
     assert record["smooth"] == 3 and record["this_run"]["tracked_frames"] == 2 * FRAMES - 1
 
 
+def test_wandb_gets_the_kinematics_and_iou_curves_per_frame(setup):
+    """``--wandb``: the offline W&B run (in OUT/wandb) holds every kinematics.csv column and each
+    part's IoU of report.csv, one point per frame at step = frame, and the plots."""
+    from jtml.kinematics import FLEXION, INTERNAL
+    from jtml.runs.wandb_offline import read_offline_run
+
+    out = setup["tmp"] / "wandb"
+    argv = _args(setup, out, "--masks", str(setup["study"] / "Labels"), "--wandb", "jtml-test", seg=False)
+    code, stdout, err = _run(argv)
+    assert code == 0, err[-3000:]
+    (folder,) = (out / "wandb").glob("offline-run-*")
+    run = read_offline_run(folder)
+    with open(out / "kinematics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for column in (FLEXION, INTERNAL):
+        steps = [h["trainer/global_step"] for h in run.history if f"kinematics/{column}" in h]
+        values = [h[f"kinematics/{column}"] for h in run.history if f"kinematics/{column}" in h]
+        assert steps == list(range(FRAMES))
+        np.testing.assert_allclose(values, [float(r[column]) for r in rows], atol=1e-6)
+    report = _report(out)
+    for part in PARTS:
+        series = [h[f"registration/{part}_iou"] for h in run.history if f"registration/{part}_iou" in h]
+        np.testing.assert_allclose(series, [float(r["iou"]) for r in report if r["part"] == part], atol=1e-12)
+    assert (
+        run.summary["frames_flagged"]
+        == json.loads(stdout.strip().splitlines()[-1])["studies"][0]["frames_flagged"]
+    )
+    assert any("kinematics/plots/count" in h for h in run.history)
+    assert run.config["side"] == "right" and run.config["studies"] == [str(setup["study"])]
+
+
 # -- resume after SIGKILL ---------------------------------------------------------------------------------
 
 _KILLER = """

@@ -42,7 +42,7 @@ import pytorch_lightning as pl
 import torch
 import trimesh
 
-from jtml.callbacks.predict import PredictionFolderWriter
+from jtml.callbacks.predict import PredictionFolderWriter, gather_objects
 from jtml.errors import JTMLError
 from jtml.geometry import Camera, SilhouetteRenderer, symmetric_twin
 from jtml.geometry.knee import knee_angles, mirror_pose_rows, varus_valgus
@@ -92,15 +92,6 @@ def _refine_settings(spec: dict[str, Any] | bool | None) -> Any:
     if spec is not True and not isinstance(spec, dict):
         raise JTMLError(f"refine must be a mapping of registration settings or null, got {spec!r}")
     return RegistrationConfig.from_dict({} if spec is True else spec)
-
-
-def _gather(trainer: pl.Trainer, items: list[Any]) -> list[Any]:
-    """Every rank's ``items``, on every rank (one process: the list itself)."""
-    if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-        gathered: list[Any] = [None] * trainer.world_size
-        torch.distributed.all_gather_object(gathered, items)
-        return [x for part in gathered for x in part]
-    return list(items)
 
 
 def _fmt(v: Any) -> str:
@@ -260,7 +251,7 @@ class PosePredictionWriter(PredictionFolderWriter):
                     if res.refined and (not old.refined or res.cost < old.cost):
                         results[part] = res
             done.append((key, {p: (res.pose, res.row()) for p, res in results.items()}))
-        by_key = dict(_gather(trainer, done))  # a collective: every rank takes part
+        by_key = dict(gather_objects(trainer, done))  # a collective: every rank takes part
         for key, parts in by_key.items():
             for r in frames[key]:
                 if r.part not in parts:
@@ -370,7 +361,7 @@ class PosePredictionWriter(PredictionFolderWriter):
 
     def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         out = self._output_root(trainer, pl_module)
-        rows = _gather(trainer, self._rows)
+        rows = gather_objects(trainer, self._rows)
         if self.refine is not None:
             rows = self._register(trainer, rows)
         if not trainer.is_global_zero:

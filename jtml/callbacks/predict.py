@@ -59,12 +59,23 @@ __all__ = [
     "PART_COLOURS",
     "PredictionFolderWriter",
     "SegmentationPredictionWriter",
+    "gather_objects",
     "masks_to_frame",
     "overlay",
 ]
 
 # BGR: fem red, tib green, then blue, yellow, magenta, cyan.
 PART_COLOURS = ((40, 40, 230), (40, 200, 40), (230, 120, 30), (30, 220, 230), (200, 60, 200), (200, 200, 40))
+
+
+def gather_objects(trainer: pl.Trainer, items: list[Any]) -> list[Any]:
+    """Every rank's ``items``, concatenated in rank order, on every rank (one process: the list
+    itself). A collective: under DDP every rank must call it."""
+    if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        gathered: list[Any] = [None] * trainer.world_size
+        torch.distributed.all_gather_object(gathered, items)
+        return [x for part in gathered for x in part]
+    return list(items)
 
 
 def _to_gray8(frame: np.ndarray) -> np.ndarray:

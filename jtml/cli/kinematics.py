@@ -12,7 +12,7 @@ from pathlib import Path
 
 from jtml.errors import JTMLError
 from jtml.io import read_poses, read_stl
-from jtml.kinematics import check_side, knee_kinematics, read_axes, summary, write_report
+from jtml.kinematics import check_side, knee_kinematics, log_kinematics, read_axes, summary, write_report
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +38,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", required=True, type=Path, help="output folder (created; its report replaced)"
     )
+    parser.add_argument(
+        "--wandb", nargs="?", const="jtml", metavar="PROJECT",
+        help="also log the curves to W&B project PROJECT (default jtml): a new run with its files in "
+        "OUT/wandb, or with --run that run; offline unless an API key is set",
+    )  # fmt: skip
+    parser.add_argument(
+        "--run", type=Path, metavar="RUN_DIR",
+        help="a jtml run directory (e.g. the `jtml predict` run that wrote the poses): the curves go "
+        "into its W&B run (resumed; implies --wandb)",
+    )  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,7 +73,37 @@ def run(args: argparse.Namespace) -> int:
         fem_model=None if args.fem_model is None else read_stl(args.fem_model),
         tib_model=None if args.tib_model is None else read_stl(args.tib_model),
     )
+    run_id = _run_id(args.run) if args.run is not None else None  # checked before anything is written
     written = write_report(args.out, table)
     print(summary(table))
     print(f"wrote {', '.join(p.name for p in written)} to {args.out} ({side} knee)")
+    if args.wandb or args.run is not None:
+        import wandb
+
+        from jtml.runs.loggers import WandbLogger
+
+        if args.run is None:
+            logger = WandbLogger(
+                project=args.wandb, job_type="kinematics", tags=["kinematics"], save_dir=str(args.out)
+            )
+        else:
+            project = args.wandb or "jtml"
+            logger = WandbLogger(project=project, id=run_id, resume="allow", save_dir=str(args.run))
+        logger.log_hyperparams({"fem": str(args.fem), "tib": str(args.tib), "side": side})
+        points = log_kinematics(logger, table, "kinematics", [p for p in written if p.suffix == ".png"])
+        where = logger.experiment.dir
+        wandb.finish()
+        print(f"logged {points} point(s) and the plots to W&B ({Path(where).parent})")
     return 0
+
+
+def _run_id(run_dir: Path) -> str:
+    """``--run``: the run directory's W&B run id (the run the curves are added to)."""
+    from jtml.runs.records import wandb_run_id
+
+    if not run_dir.is_dir():
+        raise JTMLError("--run: not a run directory", run_dir)
+    run_id = wandb_run_id(run_dir)
+    if run_id is None:
+        raise JTMLError("--run: the folder holds no W&B run (run.json or wandb/offline-run-*)", run_dir)
+    return run_id

@@ -376,7 +376,7 @@ def _abandon_runs(status: str = "failed") -> None:
         import wandb
 
         if wandb.run is not None:
-            wandb.finish(exit_code=1, quiet=True)
+            wandb.finish(exit_code=1)
     for cli in _ACTIVE:
         run_dir = cli.run_dir
         if run_dir is None or not run_dir.exists():

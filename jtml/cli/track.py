@@ -89,6 +89,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--ambiguous", type=float, default=0.8,
         help="pose and twin cost ratio above which the silhouette cannot tell them apart (0.8)",
     )  # fmt: skip
+    parser.add_argument(
+        "--wandb", nargs="?", const="jtml", metavar="PROJECT",
+        help="log the curves (kinematics, IoU per frame) to W&B project PROJECT (default jtml), run "
+        "files in OUT/wandb; offline unless an API key is set (`wandb sync` uploads later)",
+    )  # fmt: skip
     parser.add_argument("--accelerator", default="auto", help="Lightning accelerator (auto, cpu, gpu)")
     parser.add_argument("--devices", default="1", help="Lightning devices (1; e.g. 4, or auto)")
     parser.add_argument("--num-nodes", type=int, default=1, help="Lightning num_nodes")
@@ -129,6 +134,30 @@ def _side(args: argparse.Namespace, pose_ckpt: dict[str, Any], parts: list[str])
         return recorded
     why = f"records side {recorded!r}" if recorded else "records no side"
     raise JTMLError(f"--side left|right is required for the kinematics: the pose checkpoint {why}", args.pose)
+
+
+def _logger(args: argparse.Namespace, settings: TrackSettings, side: str | None) -> Any:
+    """The W&B logger of ``--wandb``: the run's files in OUT/wandb, the settings as its config."""
+    from jtml.runs.loggers import WandbLogger
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    logger = WandbLogger(
+        project=args.wandb, group="track", job_type="track", tags=["track"], save_dir=str(args.out)
+    )
+    logger.log_hyperparams(
+        {"studies": [str(s) for s in args.study], "pose": str(args.pose), "seg": str(args.seg),
+         "side": side, "smooth": args.smooth, "settings": settings.to_dict()}
+    )  # fmt: skip
+    return logger
+
+
+def _finish_wandb() -> None:
+    """Close this process's W&B run (a failed command's with exit code 1), so that its files are
+    complete when the command returns."""
+    import wandb
+
+    if wandb.run is not None:
+        wandb.finish(exit_code=0 if sys.exc_info()[0] is None else 1)
 
 
 def _devices(value: str) -> int | str:
@@ -172,13 +201,14 @@ def run(args: argparse.Namespace) -> int:
     )
     data.setup("predict")  # every input checked before anything is written
     writer = TrackWriter(side, args.smooth, {"checkpoints": checkpoints, "settings": settings.to_dict()})
+    logger = _logger(args, settings, side) if args.wandb else False
     try:
         trainer = pl.Trainer(
             accelerator=args.accelerator,
             devices=_devices(str(args.devices)),
             num_nodes=args.num_nodes,
             strategy=args.strategy,
-            logger=False,
+            logger=logger,
             enable_checkpointing=False,
             enable_progress_bar=False,
             enable_model_summary=False,
@@ -187,6 +217,9 @@ def run(args: argparse.Namespace) -> int:
         trainer.predict(module, datamodule=data, return_predictions=False)
     except MisconfigurationException as e:
         raise JTMLError(f"trainer configuration cannot run here: {e}") from None
+    finally:
+        if logger:
+            _finish_wandb()
     if trainer.world_size > 1:
         trainer.strategy.barrier("jtml-track-finish")  # every process has written its studies
     if not trainer.is_global_zero:

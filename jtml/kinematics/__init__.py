@@ -46,7 +46,15 @@ from jtml.kinematics.joint import (
     lab_kinematics,
     relative_pose,
 )
-from jtml.kinematics.report import CSV_NAME, PLOT_NAMES, summary, write_csv, write_plots, write_report
+from jtml.kinematics.report import (
+    CSV_NAME,
+    PLOT_NAMES,
+    log_kinematics,
+    summary,
+    write_csv,
+    write_plots,
+    write_report,
+)
 
 __all__ = [
     "ABDUCTION",
@@ -77,6 +85,7 @@ __all__ = [
     "grood_suntay",
     "knee_kinematics",
     "lab_kinematics",
+    "log_kinematics",
     "read_axes",
     "relative_pose",
     "summary",

@@ -9,6 +9,7 @@ import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -16,7 +17,10 @@ from jtml.errors import JTMLError
 from jtml.io.atomic import atomic_write, staged_dir
 from jtml.kinematics.joint import CONDYLE_COLUMNS, FLEXION, GAP_COLUMNS, GS_COLUMNS, LAB_COLUMNS
 
-__all__ = ["CSV_NAME", "PLOT_NAMES", "summary", "write_csv", "write_plots", "write_report"]
+if TYPE_CHECKING:
+    from pytorch_lightning.loggers import Logger
+
+__all__ = ["CSV_NAME", "PLOT_NAMES", "log_kinematics", "summary", "write_csv", "write_plots", "write_report"]
 
 CSV_NAME = "kinematics.csv"
 # plot file -> (title, columns); a plot whose columns are all absent is not drawn.
@@ -137,3 +141,26 @@ def write_report(out: str | os.PathLike, table: Mapping[str, np.ndarray]) -> lis
     for stale in set(PLOT_NAMES) - set(names):
         (out / stale).unlink(missing_ok=True)
     return [out / name for name in names]
+
+
+def log_kinematics(
+    logger: Logger,
+    table: Mapping[str, np.ndarray],
+    prefix: str = "kinematics",
+    plots: list[Path] | tuple[Path, ...] = (),
+) -> int:
+    """The curves into a Lightning logger (W&B): every column as the metric ``prefix/column``, one
+    point per frame at step = frame, so W&B draws the same curves as the plots (a gap is no point,
+    never bridged); the PNG ``plots`` as images under ``prefix/plots``. Returns the points logged.
+    The logger's own rank rule applies (Lightning logs from rank zero only)."""
+    n, cols = _columns(table)
+    points = 0
+    for i in range(n):
+        row = {f"{prefix}/{k}": float(v[i]) for k, v in cols.items() if math.isfinite(v[i])}
+        if row:
+            logger.log_metrics(row, step=i)
+            points += len(row)
+    log_image = getattr(logger, "log_image", None)
+    if plots and log_image is not None:
+        log_image(f"{prefix}/plots", images=[str(p) for p in plots], caption=[Path(p).stem for p in plots])
+    return points

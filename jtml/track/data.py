@@ -233,8 +233,9 @@ class TrackDataModule(pl.LightningDataModule):
                 "it again with those to resume, or pass --overwrite to start over",
                 out,
             )
-        # (a .partial/ without a journal: a run killed before its first line, nothing to keep)
-        others = [p for p in out.iterdir() if p.name != PARTIAL_NAME] if out.is_dir() else []
+        # (a .partial/ without a journal: a run killed before its first line, nothing to keep;
+        # wandb/: the W&B run of `jtml track --wandb`, started before the first frame)
+        others = [p for p in out.iterdir() if p.name not in (PARTIAL_NAME, "wandb")] if out.is_dir() else []
         if state == "absent" and others and not self.overwrite:
             raise JTMLError(
                 "output folder exists and is not empty; choose another --out or pass --overwrite", out

@@ -21,6 +21,11 @@ that tracked it). A study's folder gets, all staged and moved in together
   ``translations.png``, ``grood_suntay.png``, ``condyles.png``) when ``fem`` and ``tib`` are tracked.
 - ``track.json``: what was tracked with what (inputs, checkpoints and their digests, settings,
   side), the counts of flagged frames, and this run's timing (``this_run``).
+
+With a logger on the trainer (``jtml track --wandb``), the same curves go to W&B once every study is
+written (:func:`jtml.kinematics.log_kinematics`: step = frame; with several studies each under its
+own name), with each part's IoU per frame, and the counts of flagged frames in the run's summary.
+Every process's studies are gathered and logged from rank zero.
 """
 
 from __future__ import annotations
@@ -39,9 +44,10 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import BasePredictionWriter
 
 import jtml
+from jtml.callbacks.predict import gather_objects
 from jtml.io import read_stl, staged_dir, write_poses
 from jtml.io.atomic import atomic_write
-from jtml.kinematics import CSV_NAME, PLOT_NAMES, knee_kinematics, write_csv, write_plots
+from jtml.kinematics import CSV_NAME, PLOT_NAMES, knee_kinematics, log_kinematics, write_csv, write_plots
 from jtml.track.journal import Journal, mask_file
 from jtml.track.module import FEMUR, TIBIA
 from jtml.track.smoothing import smooth_poses
@@ -60,6 +66,11 @@ def _num(v: Any) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return ""
     return repr(float(v))
+
+
+def _float(v: Any) -> float:
+    """A result's number, NaN when it has none."""
+    return math.nan if v is None else float(v)
 
 
 def _csv(v: str) -> str:
@@ -99,9 +110,30 @@ class TrackWriter(BasePredictionWriter):
         self.side, self.smooth = side, int(smooth)
         self.record = dict(record or {})
         self.summaries: list[dict[str, Any]] = []
+        self._curves: list[dict[str, Any]] = []  # per study written here: what the logger gets
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         trainer.predict_loop.return_predictions = False  # the files are the output
+        self._curves = []
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Every study's curves to the trainer's logger (rank zero; a collective under DDP)."""
+        if trainer.logger is None:
+            return
+        curves = gather_objects(trainer, self._curves)
+        if not trainer.is_global_zero:
+            return
+        many = len(curves) > 1
+        for c in curves:
+            prefix = f"{c['name']}/" if many else ""
+            table = {f"{p}_iou": c["iou"][p] for p in c["iou"]}
+            log_kinematics(trainer.logger, table, f"{prefix}registration")
+            if c["kinematics"] is not None:
+                plots = [Path(c["out"]) / name for name in c["plots"]]
+                log_kinematics(trainer.logger, c["kinematics"], f"{prefix}kinematics", plots)
+            trainer.logger.log_metrics(
+                {f"{prefix}frames_flagged": c["frames_flagged"], f"{prefix}frames": c["frames"]}
+            )
 
     def write_on_batch_end(
         self,
@@ -125,6 +157,8 @@ class TrackWriter(BasePredictionWriter):
         network = {p: _poses([r[p].get("network") for r in results]) for p in parts}
         tracked = {p: smooth_poses(raw[p], self.smooth) for p in parts} if self.smooth > 1 else raw
         written: list[str] = []
+        table: dict[str, np.ndarray] | None = None
+        plots: list[str] = []
         with staged_dir(out) as stage:
             for p in parts:
                 written.append(_write_poses(stage, p, tracked[p]))
@@ -149,13 +183,19 @@ class TrackWriter(BasePredictionWriter):
                     tib_model=read_stl(study["models"][TIBIA]),
                 )
                 write_csv(stage / CSV_NAME, table)
-                written += [CSV_NAME, *(q.name for q in write_plots(stage, table))]
+                plots = [q.name for q in write_plots(stage, table)]
+                written += [CSV_NAME, *plots]
             summary = self._summary(study, results, written)
             with atomic_write(stage / SUMMARY_NAME) as tmp:
                 tmp.write_text(json.dumps(summary, indent=2) + "\n")
             written.append(SUMMARY_NAME)
         self._remove_stale(out, parts, set(written))
         Journal(out, study["fingerprint"], len(frames)).remove()
+        iou = {p: np.array([_float(r[p].get("iou")) for r in results]) for p in parts}
+        self._curves.append(
+            {"name": study["name"], "out": str(out), "kinematics": table, "plots": plots, "iou": iou,
+             "frames": len(frames), "frames_flagged": summary["frames_flagged"]}
+        )  # fmt: skip
         self._say(
             f"tracked {study['name']}: {len(frames)} frame(s), {summary['frames_flagged']} flagged "
             f"({study['resumed']} resumed, {study['computed']} tracked now); wrote {out}"
