@@ -26,16 +26,9 @@ import cv2
 import numpy as np
 
 from jtml.errors import JTMLError
+from jtml.geometry.masks import signed_distance
 
 __all__ = ["MaskDegradation", "degrade_mask"]
-
-
-def _signed_distance(mask: np.ndarray) -> np.ndarray:
-    """Pixels from the boundary, positive inside (±½ at the boundary pixels, so ``> 0`` is ``mask``)."""
-    m = mask.astype(np.uint8)
-    inside = cv2.distanceTransform(m, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
-    outside = cv2.distanceTransform(1 - m, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
-    return np.where(mask, inside - 0.5, 0.5 - outside).astype(np.float32)
 
 
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], scale: float) -> np.ndarray:
@@ -130,7 +123,7 @@ class MaskDegradation:
         y0, y1 = max(0, ys.min() - pad), min(out.shape[0], ys.max() + pad + 1)
         x0, x1 = max(0, xs.min() - pad), min(out.shape[1], xs.max() + pad + 1)
         win = out[y0:y1, x0:x1]
-        sd = _signed_distance(win)
+        sd = signed_distance(win)
         level = rng.uniform(-self.boundary_px, self.boundary_px) if self.boundary_px > 0 else 0.0
         if self.ragged_px > 0:
             amp = rng.uniform(0.0, self.ragged_px)

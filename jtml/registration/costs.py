@@ -39,6 +39,7 @@ import torch
 
 from jtml.errors import JTMLError
 from jtml.geometry import SilhouetteRenderer
+from jtml.geometry.masks import signed_distance
 from jtml.geometry.render import one_cpu_thread
 
 __all__ = ["INVALID", "SilhouetteTarget", "boundary", "image_coverage"]
@@ -55,14 +56,6 @@ def boundary(mask: np.ndarray) -> np.ndarray:
     )
 
 
-def _signed_distance(mask: np.ndarray) -> np.ndarray:
-    """Pixels from the boundary, positive inside."""
-    m = mask.astype(np.uint8)
-    inside = cv2.distanceTransform(m, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
-    outside = cv2.distanceTransform(1 - m, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
-    return np.where(mask, inside - 0.5, 0.5 - outside).astype(np.float32)
-
-
 def image_coverage(
     frame: np.ndarray, mask: np.ndarray, other: np.ndarray | None = None, band: float = 6.0
 ) -> np.ndarray:
@@ -72,7 +65,7 @@ def image_coverage(
     ``band``, the frame smoothed by a 1 px Gaussian against noise."""
     image = cv2.GaussianBlur(np.asarray(frame, np.float32), (0, 0), 1.0)
     m = np.asarray(mask) > 0
-    sd = _signed_distance(m)
+    sd = signed_distance(m)
     ring = 6.0
     inner = ((sd > band) & (sd < band + ring)).astype(np.float32)
     outer = ((sd < -band) & (sd > -band - ring)).astype(np.float32)

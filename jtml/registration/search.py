@@ -15,6 +15,11 @@ camera's z (in the image plane), x and y axes. Near a pose these are the JointTr
 without the coupling of depth with image position and of rotation with translation that searching
 the pose rows directly has (the rows rotate about the model's origin, and move along z, not the ray).
 
+A stage with ``method: outline`` is no CMA-ES but Gauss–Newton on the model's outline against the
+mask's edge (:mod:`jtml.registration.contour`): sub-pixel where an overlap cost is flat, it takes
+the search from a coarse stage's result to the basin's bottom, and is kept only where the search's
+own cost agrees.
+
 Every generation's candidates are rendered and scored in one batched call
 (:meth:`SilhouetteTarget.evaluate`; ``batch`` splits it, which suits small CPU caches), and any
 number of searches run in lockstep (:func:`search`), so a GPU sees many poses per call.
@@ -61,11 +66,13 @@ class Stage:
     range: tuple[float, float, float, float, float, float]
     scale: float = 1.0
     population: int = 16
-    generations: int = 40
+    generations: int = 40  # CMA-ES generations; for an outline stage, its ICP rounds
     sigma: float = 0.3  # of the box's half-width
     edge_weight: float = 0.02
     patience: int = 0
     tolerance: float = 1e-4
+    method: str = "cmaes"  # or "outline": Gauss-Newton on the outline (jtml.registration.contour)
+    prior: bool = True  # add the search's prior (the knee's, for a tibia) to this stage's cost
 
     @classmethod
     def from_dict(cls, spec: dict[str, Any]) -> Stage:
@@ -77,6 +84,12 @@ class Stage:
             ) from None
         if len(stage.range) != 6 or min(stage.range) <= 0 or not 0 < stage.scale <= 1:
             raise JTMLError(f"stage range must be 6 positive numbers and 0 < scale <= 1, got {spec}")
+        if stage.method not in ("cmaes", "outline"):
+            raise JTMLError(f"stage method must be cmaes or outline, got {stage.method!r}: {spec}")
+        if not isinstance(stage.prior, bool):
+            raise JTMLError(f"stage prior must be true or false, got {spec}")
+        if stage.method == "outline" and stage.scale != 1.0:
+            raise JTMLError(f"an outline stage runs at full resolution (scale 1), got {spec}")
         if stage.population < 2 or stage.generations < 1 or stage.sigma <= 0 or stage.patience < 0:
             raise JTMLError(
                 f"stage needs population >= 2, generations >= 1, sigma > 0, patience >= 0: {spec}"
@@ -90,6 +103,16 @@ class Stage:
 DEFAULT_STAGES = (
     Stage(range=(10.0, 10.0, 40.0, 15.0, 15.0, 15.0), scale=0.5, population=16, generations=30),
     Stage(range=(3.0, 3.0, 12.0, 5.0, 5.0, 5.0), scale=0.5, population=12, generations=25, patience=6),
+    # the basin's bottom, sub-pixel: outline fits from the coarse result and from it turned ±2.1°
+    # about the camera's x and y axes (the turns a silhouette shows least)
+    Stage(
+        range=(1.0, 1.0, 15.0, 3.0, 3.0, 3.0),
+        population=5,
+        generations=8,
+        sigma=0.7,
+        edge_weight=0.05,
+        method="outline",
+    ),  # fmt: skip
     Stage(
         range=(0.5, 0.5, 6.0, 1.0, 1.0, 1.0),
         population=12,
@@ -130,33 +153,42 @@ class _Search:
 
 
 def _rotation_vectors(w: torch.Tensor) -> torch.Tensor:
-    """Rotation vectors ``(N, 3)`` (radians) → matrices ``(N, 3, 3)`` (Rodrigues)."""
-    theta = w.norm(dim=1, keepdim=True)
-    k = w / theta.clamp(min=1e-12)
-    K = torch.zeros((len(w), 3, 3), dtype=w.dtype, device=w.device)
-    K[:, 0, 1], K[:, 0, 2], K[:, 1, 2] = -k[:, 2], k[:, 1], -k[:, 0]
-    K = K - K.transpose(1, 2)
+    """Rotation vectors ``(N, 3)`` (radians) → matrices ``(N, 3, 3)`` (Rodrigues; differentiable,
+    also at 0)."""
+    theta = torch.sqrt((w * w).sum(dim=1, keepdim=True) + 1e-30)
+    k = w / theta
+    zero = torch.zeros_like(k[:, 0])
+    K = torch.stack([zero, -k[:, 2], k[:, 1], k[:, 2], zero, -k[:, 0], -k[:, 1], k[:, 0], zero], dim=1).view(
+        -1, 3, 3
+    )
     s, c = torch.sin(theta)[:, :, None], torch.cos(theta)[:, :, None]
     return torch.eye(3, dtype=w.dtype, device=w.device) + s * K + (1 - c) * (K @ K)
+
+
+def offset_transforms(centre: np.ndarray, offsets: torch.Tensor, pivot: np.ndarray) -> torch.Tensor:
+    """Model-to-camera transforms ``(N, 4, 4)`` at search ``offsets`` ``(N, 6)`` (a float64 tensor;
+    differentiable in it) from the pose row ``centre``, turning about ``pivot``: :func:`offset_poses`."""
+    T0 = pose_to_matrix(torch.as_tensor(centre, dtype=torch.float64, device=offsets.device))
+    off = offsets.reshape(-1, 6)
+    p = torch.as_tensor(pivot, dtype=torch.float64, device=offsets.device)
+    c = T0[:3, :3] @ p + T0[:3, 3]  # the centre in the camera
+    shifted = c + torch.nn.functional.pad(off[:, :2], (0, 1))
+    moved = shifted * ((shifted[:, 2:] + off[:, 2:3]) / shifted[:, 2:])  # along the line of sight
+    w = torch.deg2rad(off[:, [4, 5, 3]])  # about the camera's x, y, z
+    R = _rotation_vectors(w) @ T0[:3, :3]
+    top = torch.cat([R, (moved - (R @ p))[:, :, None]], dim=2)
+    bottom = torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=torch.float64, device=offsets.device).expand(
+        len(off), 1, 4
+    )
+    return torch.cat([top, bottom], dim=1)
 
 
 def offset_poses(centre: np.ndarray, offsets: np.ndarray, pivot: np.ndarray) -> np.ndarray:
     """Pose rows ``(N, 6)`` at search ``offsets`` ``(N, 6)`` (module docstring: ``x, y, z`` mm,
     ``z_rot, x_rot, y_rot`` °) from the pose row ``centre``; ``pivot``: the model's centre (model
     coordinates), what the offsets move and turn about."""
-    T0 = pose_to_matrix(torch.as_tensor(centre, dtype=torch.float64))
-    off = torch.as_tensor(offsets, dtype=torch.float64).reshape(-1, 6)
-    p = torch.as_tensor(pivot, dtype=torch.float64)
-    c = T0[:3, :3] @ p + T0[:3, 3]  # the centre in the camera
-    shifted = c + torch.nn.functional.pad(off[:, :2], (0, 1))
-    moved = shifted * ((shifted[:, 2:] + off[:, 2:3]) / shifted[:, 2:])  # along the line of sight
-    w = torch.deg2rad(off[:, [4, 5, 3]])  # about the camera's x, y, z
-    R = _rotation_vectors(w) @ T0[:3, :3]
-    T = torch.zeros((len(off), 4, 4), dtype=torch.float64)
-    T[:, :3, :3] = R
-    T[:, :3, 3] = moved - R @ p
-    T[:, 3, 3] = 1.0
-    return matrix_to_pose(T).numpy()
+    off = torch.as_tensor(np.asarray(offsets), dtype=torch.float64).reshape(-1, 6)
+    return matrix_to_pose(offset_transforms(centre, off, pivot)).numpy()
 
 
 def _scaled(
@@ -227,13 +259,18 @@ def _search(
     stage_seconds: list[float] = []
     for k, stage in enumerate(stages):
         ts = time.perf_counter()
+        stage_prior = prior if stage.prior else None
+        if stage.method == "outline":
+            _outline_stage(renderer, target, runs, stage, pivot, stage_prior, batch)
+            stage_seconds.append((time.perf_counter() - ts) / len(runs))
+            continue
         r, t = _scaled(renderer, target, stage.scale)
         half = np.asarray(stage.range)
         centres = np.stack([run.best for run in runs])
         # only the faces that a pose in this stage's box can turn to the source (the same pixels)
         r = r.near(centres, float(np.linalg.norm(half[3:])), float(np.linalg.norm(half[:3])))
         # the start of the stage, judged at its resolution: a stage never ends worse than it began
-        best = _score(r, t, centres, stage.edge_weight, prior, batch)
+        best = _score(r, t, centres, stage.edge_weight, stage_prior, batch)
         best_x = np.zeros((len(runs), 6))
         stale = np.zeros(len(runs), dtype=int)
         opts = [
@@ -254,7 +291,7 @@ def _search(
                 break
             xs = {i: np.stack([opts[i].ask() for _ in range(opts[i].population_size)]) for i in active}
             poses = np.concatenate([offset_poses(centres[i], xs[i] * half, pivot) for i in active])
-            costs = _score(r, t, poses, stage.edge_weight, prior, batch)
+            costs = _score(r, t, poses, stage.edge_weight, stage_prior, batch)
             still = []
             for j, i in enumerate(active):
                 c = costs[j * stage.population : (j + 1) * stage.population]
@@ -303,6 +340,51 @@ def _search(
         )
         for i, run in enumerate(runs)
     ]
+
+
+def _outline_starts(stage: Stage) -> np.ndarray:
+    """An outline stage's start offsets ``(K, 6)``: the stage's start, then turns of ``± sigma ·
+    range`` about the camera's x and y axes (the out-of-plane turns a silhouette shows least), as
+    many as ``population`` allows — the fit finds the nearest optimum of the outline, and a coarse
+    stage can leave the model a couple of degrees out of plane."""
+    turns = [np.zeros(6)]
+    for axis in (4, 5):
+        for sign in (1.0, -1.0):
+            d = np.zeros(6)
+            d[axis] = sign * stage.sigma * stage.range[axis]
+            turns.append(d)
+    return np.stack(turns[: max(1, min(stage.population, len(turns)))])
+
+
+def _outline_stage(
+    renderer: SilhouetteRenderer,
+    target: SilhouetteTarget,
+    runs: list[_Search],
+    stage: Stage,
+    pivot: np.ndarray,
+    prior: Prior | None,
+    batch: int | None,
+) -> None:
+    """An outline stage (:func:`jtml.registration.contour.fit_outline`) for each search, from each of
+    :func:`_outline_starts`: the lowest of the search's own cost (with the prior) is kept, and only
+    when it is not worse than the stage's start."""
+    from jtml.registration.contour import fit_outline
+
+    half = np.asarray(stage.range)
+    for run in runs:
+        poses, hits = [run.best], [False]
+        for offset in _outline_starts(stage):
+            start = offset_poses(run.best, offset[None], pivot)[0]
+            fit = fit_outline(renderer, target, start, pivot, half, stage.generations)
+            poses.append(offset_poses(start, fit.offsets[None], pivot)[0])
+            hits.append(fit.hit_bounds)
+            run.evaluations += fit.renders
+            run.generations += fit.iterations
+        costs = _score(renderer, target, np.stack(poses), stage.edge_weight, prior, batch)
+        run.evaluations += len(poses)
+        k = int(np.argmin(costs))  # the first of equals: the start, unless a fit is better
+        run.best, run.hit = poses[k], hits[k]
+        run.history.append(float(costs[k]))
 
 
 def refine(
