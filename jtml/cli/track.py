@@ -79,6 +79,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--fast", action="store_true", help="fewer, smaller registration stages (a quick look)"
     )
     parser.add_argument("--backward", action="store_true", help="a second pass, last frame to first")
+    image = parser.add_mutually_exclusive_group()
+    image.add_argument(
+        "--image", dest="image", action="store_true", default=None,
+        help="refine each mask near its edge by the frame's intensities (default with --seg)",
+    )  # fmt: skip
+    image.add_argument(
+        "--no-image", dest="image", action="store_false", help="register to the masks as they are"
+    )
+    parser.add_argument(
+        "--no-priors", action="store_true",
+        help="register the tibia alone (default: with the knee prior relative to the frame's femur)",
+    )  # fmt: skip
     parser.add_argument(
         "--smooth", type=int, default=0, metavar="W",
         help="SE(3) moving average over W frames (odd; default 0: off) of the written poses",
@@ -179,7 +191,10 @@ def run(args: argparse.Namespace) -> int:
     if args.smooth < 0 or (args.smooth > 1 and args.smooth % 2 == 0):
         raise JTMLError(f"--smooth takes an odd number of frames (or 0: off), got {args.smooth}")
     stages = load_stages(args.stages) if args.stages else FAST_STAGES if args.fast else DEFAULT_STAGES
-    settings = TrackSettings(stages, args.seed, args.min_iou, args.ambiguous, args.backward)
+    image = args.seg is not None if args.image is None else bool(args.image)
+    settings = TrackSettings(
+        stages, args.seed, args.min_iou, args.ambiguous, args.backward, not args.no_priors, image
+    )
     pose_ckpt = _checkpoint(args.pose, "--pose", PoseModule)
     seg_ckpt = _checkpoint(args.seg, "--seg", SegmentationModule) if args.seg is not None else None
     side = _side(args, pose_ckpt, list(models))

@@ -48,7 +48,15 @@ from jtml.geometry import SilhouetteRenderer, euler312_to_matrix, matrix_to_eule
 from jtml.registration.costs import SilhouetteTarget
 from jtml.registration.search import DEFAULT_STAGES, Prior, RefineResult, Stage, refine, refine_with_twin
 
-__all__ = ["PartResult", "RegistrationConfig", "knee_prior", "register_frame", "tibia_relative"]
+__all__ = [
+    "PartResult",
+    "RegistrationConfig",
+    "along_femur_axis",
+    "knee_prior",
+    "register_frame",
+    "tibia_relative",
+    "tibia_start",
+]
 
 
 @dataclass(frozen=True)
@@ -179,13 +187,28 @@ def _not_refined(part: str, start: np.ndarray, reason: str) -> PartResult:
     return PartResult(part=part, pose=np.full(6, np.nan), refined=False, reason=reason, start=start)
 
 
-def _along_femur_axis(tibia: np.ndarray, femur: np.ndarray) -> np.ndarray:
+def along_femur_axis(tibia: np.ndarray, femur: np.ndarray) -> np.ndarray:
     """The tibia start moved along the femur's mediolateral axis so that its offset is 0."""
     R_f = euler312_to_matrix(torch.as_tensor(femur[3:])).numpy()
     axis = R_f[:, 2]
     out = tibia.copy()
     out[:3] -= axis * float((tibia[:3] - femur[:3]) @ axis)
     return out
+
+
+def tibia_start(
+    renderer: SilhouetteRenderer,
+    target: SilhouetteTarget,
+    start: np.ndarray,
+    femur: np.ndarray,
+    edge_weight: float,
+) -> np.ndarray:
+    """``start`` moved to the femur-consistent depth (:func:`along_femur_axis`) when that fits the
+    mask at least as well, else ``start`` as it is: a poor femur (or a start turned far off) can put
+    the moved start where the tibia is not."""
+    moved = along_femur_axis(start, femur)
+    cost = target.costs(renderer, np.stack([start, moved]), edge_weight)["cost"]
+    return moved if cost[1] <= cost[0] else start
 
 
 def _problem(renderer: SilhouetteRenderer, mask: np.ndarray | None, start: np.ndarray, part: str) -> str:
@@ -273,7 +296,7 @@ def register_frame(
         prior = knee_prior(femur.pose, config, renderer.device) if joint else None
         search_start = start
         if joint and config.prior_start:
-            moved = _along_femur_axis(start, femur.pose)
+            moved = along_femur_axis(start, femur.pose)
             search_start = moved if not _start_problem(renderer, moved) else start
         best, chose_twin, ambiguity, evaluations, iterations = _search_part(
             renderer, target, search_start, config, seed, prior, femur, is_tibia

@@ -11,9 +11,12 @@ studies spread over processes, devices and nodes as any Lightning prediction doe
 2. **network pose** per part: :meth:`PoseModule.estimate` on the part's mask;
 3. **registration** per part (femur first): :func:`~jtml.registration.search.refine_with_twin` from
    each start — the network's pose, the ``init`` file's row if any, and the previous frame's result —
-   keeping the lowest cost. When the kept search cannot tell the pose from its symmetric twin
-   (their cost ratio above ``ambiguous``), the tibia takes JointTrack's rule (the smaller
-   varus–valgus angle to this frame's femur) and any other part the one nearer (geodesic) to its
+   keeping the lowest cost; the tibia beside this frame's femur with the knee prior (``priors``,
+   as ``jtml refine``: varus–valgus and mediolateral offset near 0, its starts moved to the
+   femur-consistent depth), each mask refined by the frame near its edge with ``image``. When the
+   kept search cannot tell the pose from its symmetric twin (their cost ratio above
+   ``ambiguous``), the tibia takes JointTrack's rule (the smaller varus–valgus angle to this
+   frame's femur) and any other part the one nearer (geodesic) to its
    previous pose: the silhouette cannot decide, continuity can. ``review`` when the kept pose's IoU
    is below ``min_iou``, it hit a search bound, or the twin stayed undecided (a first frame).
 
@@ -49,6 +52,7 @@ from jtml.io import Calibration, read_image, read_mask, read_stl, write_mask
 from jtml.models.pose import PoseModule
 from jtml.models.segmentation import SegmentationModule
 from jtml.registration.costs import SilhouetteTarget
+from jtml.registration.frame import RegistrationConfig, knee_prior, tibia_start
 from jtml.registration.search import TwinResult, refine_with_twin
 from jtml.track.journal import Journal, fsync_file, mask_file
 from jtml.track.settings import TrackSettings
@@ -56,6 +60,9 @@ from jtml.track.settings import TrackSettings
 __all__ = ["FEMUR", "TIBIA", "TrackModule"]
 
 FEMUR, TIBIA = "fem", "tib"
+
+
+REGISTRATION = RegistrationConfig()  # the knee prior's and the image refinement's settings (jtml refine's)
 
 
 def _pose(values: Any) -> np.ndarray | None:
@@ -117,8 +124,15 @@ class TrackModule(pl.LightningModule):
         renderer = SilhouetteRenderer(mesh, camera)
         return renderer if self.device.type == "cpu" else renderer.to(self.device)
 
-    def _target(self, mask: np.ndarray) -> SilhouetteTarget:
-        target = SilhouetteTarget.from_mask(mask)
+    def _target(
+        self, mask: np.ndarray, frame: np.ndarray | None = None, other: np.ndarray | None = None
+    ) -> SilhouetteTarget:
+        """The mask as a registration target; with ``image`` and the frame, refined near its edge by
+        the frame's intensities (``other``: the other parts' masks, whose edges are not this one's)."""
+        if self.settings.image and frame is not None:
+            target = SilhouetteTarget.from_frame(frame, mask, other, REGISTRATION.band)
+        else:
+            target = SilhouetteTarget.from_mask(mask)
         return target if self.device.type == "cpu" else target.to(self.device)
 
     @torch.no_grad()
@@ -158,7 +172,8 @@ class TrackModule(pl.LightningModule):
         femur: np.ndarray | None,
     ) -> dict[str, Any]:
         """The kept result among the starts' searches (module docstring, step 3)."""
-        start, twin = min(found, key=lambda s: s[1].best.cost)  # the first start wins a tie
+        # the lowest cost with the prior (the tibia's, when it has one); the first start wins a tie
+        start, twin = min(found, key=lambda s: s[1].best.cost + s[1].best.prior)
         chosen, rule = twin.best, "cost"
         if twin.ambiguity > self.settings.ambiguous:
             a, b = twin.best, twin.other
@@ -200,20 +215,30 @@ class TrackModule(pl.LightningModule):
         seed: int,
         reference: np.ndarray | None,
         femur: np.ndarray | None,
+        frame: np.ndarray | None = None,
+        other: np.ndarray | None = None,
+        femur_fits: bool = False,
     ) -> dict[str, Any]:
-        """Register ``part`` from each usable start; the kept result, or why there is none."""
+        """Register ``part`` from each usable start; the kept result, or why there is none. The
+        tibia beside this frame's femur, when that fits its mask (``femur_fits``: IoU at least
+        ``jtml refine``'s review threshold), is searched with the knee prior (``priors``), each
+        start moved to the femur-consistent depth where that fits better."""
         t0 = time.perf_counter()
         if not mask.any():
             return {"pose": None, "review": True, "reason": "empty mask: no silhouette", "start": ""}
-        target = self._target(mask)
+        target = self._target(mask, frame, other)
+        joint = self.settings.priors and part == TIBIA and femur is not None and femur_fits
+        prior = knee_prior(femur, REGISTRATION, renderer.device) if joint else None
         found, problems = [], []
         for name, start in starts:
             if start is None or not np.isfinite(start).all():
                 continue
+            if joint:
+                start = tibia_start(renderer, target, np.asarray(start, dtype=np.float64), femur, self._edge)
             try:
                 found.append((name, refine_with_twin(
                     renderer, target, start, self.settings.stages, seed, self.settings.min_iou,
-                    self.settings.ambiguous,
+                    self.settings.ambiguous, prior,
                 )))  # fmt: skip
             except JTMLError as e:  # e.g. a mask too small for a coarse stage: this start's problem
                 problems.append(f"{name}: {e}")
@@ -332,18 +357,25 @@ class TrackModule(pl.LightningModule):
         parts: dict[str, Any] = {}
         for part in self._order:
             femur = _pose(parts.get(FEMUR, {}).get("pose")) if part != FEMUR else None
+            fits = float(parts.get(FEMUR, {}).get("iou") or 0.0) >= REGISTRATION.min_iou
+            others = [masks[q] > 0 for q in self.parts if q != part]
+            other = np.logical_or.reduce(others) if others else None
             if not backward:
                 net = self._network(part, masks[part], camera, frame, renderers[part])
                 starts = [("network", _pose(net["network"]))]
                 if part in init:
                     starts.append(("init", init[part][i]))
                 starts.append(("previous", last[part]))
-                result = self._register(part, masks[part], renderers[part], starts, seed, last[part], femur)
+                result = self._register(
+                    part, masks[part], renderers[part], starts, seed, last[part], femur, frame, other, fits
+                )
                 parts[part] = {**net, **result}
             else:
                 before = final[i][part]
                 nxt = _pose(final[i + 1][part].get("pose"))
-                result = self._register(part, masks[part], renderers[part], [("next", nxt)], seed, nxt, femur)
+                result = self._register(
+                    part, masks[part], renderers[part], [("next", nxt)], seed, nxt, femur, frame, other, fits
+                )
                 better = result.get("pose") is not None and (
                     before.get("pose") is None or result["cost"] < before["cost"]
                 )

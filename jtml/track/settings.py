@@ -55,13 +55,20 @@ class TrackSettings:
     """The registration settings of a track (everything a frame's result depends on besides its
     inputs). ``min_iou``/``ambiguous``: :func:`~jtml.registration.search.refine_with_twin`'s review
     thresholds; ``backward``: a second pass from the last frame to the first, each frame also
-    started from the next one's result; ``seed``: frame ``i`` is searched with ``seed + i``."""
+    started from the next one's result; ``seed``: frame ``i`` is searched with ``seed + i``;
+    ``priors``: the tibia searched with the knee prior relative to this frame's femur
+    (:func:`jtml.registration.frame.knee_prior`, its start moved to the femur-consistent depth), as
+    ``jtml refine`` does; ``image``: each mask refined near its edge by the frame's intensities
+    (:meth:`SilhouetteTarget.from_frame`: a segmentation network's boundary is off by pixels, which
+    reads as millimetres of depth)."""
 
     stages: tuple[Stage, ...] = field(default=DEFAULT_STAGES)
     seed: int = 0
     min_iou: float = 0.98
     ambiguous: float = 0.8
     backward: bool = False
+    priors: bool = True
+    image: bool = False
 
     def __post_init__(self) -> None:
         if not self.stages:
@@ -81,6 +88,8 @@ class TrackSettings:
             "min_iou": self.min_iou,
             "ambiguous": self.ambiguous,
             "backward": self.backward,
+            "priors": self.priors,
+            "image": self.image,
         }
 
     def digest_text(self) -> str:
