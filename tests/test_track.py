@@ -27,7 +27,6 @@ from jtml.cli import main
 from jtml.errors import JTMLError
 from jtml.geometry import Camera, pose_to_matrix, render_silhouette
 from jtml.io import read_calibration, read_image, read_mask, read_poses, read_stl, write_poses
-from jtml.registration.costs import SilhouetteTarget
 from jtml.sim.synth import generate_study
 from jtml.track.journal import JOURNAL_NAME, PARTIAL_NAME, Journal
 from jtml.track.settings import load_stages
@@ -135,11 +134,8 @@ def test_track_writes_every_output(setup, reference):
     poser = api.PoseEstimator.from_checkpoint(setup["pose"])
     report = {(r["frame"], r["part"]): r for r in _report(out)}
     assert sorted(report) == sorted((f.stem, p) for f in frames for p in PARTS)
-    written = {
-        p: np.stack([read_mask(out / "masks" / p / f"{f.stem}_label_{p}.tif") for f in frames]) for p in PARTS
-    }
     for part in PARTS:
-        masks = written[part]
+        masks = np.stack([read_mask(out / "masks" / part / f"{f.stem}_label_{part}.tif") for f in frames])
         np.testing.assert_array_equal(masks, expected[part])
         # the network's poses: PoseModule.estimate on those masks (NaN where a mask is empty: .jtak)
         (net_file,) = out.glob(f"{part}_network.jt*")
@@ -154,15 +150,10 @@ def test_track_writes_every_output(setup, reference):
             if not np.isfinite(poses[i]).all():
                 assert row["cost"] == "" and row["review"] == "1" and row["reason"]
                 continue
-            # the reported IoU is the written pose's silhouette against the mask it was registered
-            # to: with --seg, the written mask refined by the frame near its edge (the fraction of
-            # each pixel the implant covers there)
-            render = render_silhouette(mesh, poses[i], camera) > 0
-            others = np.logical_or.reduce([m[i] > 0 for q, m in written.items() if q != part])
-            cover = SilhouetteTarget.from_frame(read_image(frame), masks[i], others).coverage.astype(float)
-            inter = float((cover * render).sum())
-            want = inter / (float(cover.sum()) + float(render.sum()) - inter)
-            assert float(row["iou"]) == pytest.approx(want, abs=1e-6)  # float32 coverage sums
+            # the reported IoU is the written pose's silhouette against the written mask (also when
+            # the search's target was that mask refined by the frame, as with --seg)
+            render = render_silhouette(mesh, poses[i], camera)
+            assert float(row["iou"]) == pytest.approx(_iou(render, masks[i]), abs=1e-9)
             assert i > 0 or row["start"] == "network"  # the first frame has no previous one
             costs = dict(kv.split("=") for kv in row["start_costs"].split())
             assert (

@@ -96,10 +96,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="SE(3) moving average over W frames (odd; default 0: off) of the written poses",
     )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="registration seed (frame i: seed + i)")
-    parser.add_argument("--min-iou", type=float, default=0.98, help="review below this IoU (0.98)")
     parser.add_argument(
-        "--ambiguous", type=float, default=0.8,
-        help="pose and twin cost ratio above which the silhouette cannot tell them apart (0.8)",
+        "--min-iou", type=float, default=TrackSettings.min_iou,
+        help=f"review below this IoU ({TrackSettings.min_iou}, as jtml refine)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--ambiguous", type=float, default=TrackSettings.ambiguous,
+        help="pose and twin cost ratio above which the silhouette cannot tell them apart "
+        f"({TrackSettings.ambiguous})",
     )  # fmt: skip
     parser.add_argument(
         "--wandb", nargs="?", const="jtml", metavar="PROJECT",

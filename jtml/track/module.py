@@ -170,8 +170,11 @@ class TrackModule(pl.LightningModule):
         found: list[tuple[str, TwinResult]],
         reference: np.ndarray | None,
         femur: np.ndarray | None,
+        iou_of: Any = None,
     ) -> dict[str, Any]:
-        """The kept result among the starts' searches (module docstring, step 3)."""
+        """The kept result among the starts' searches (module docstring, step 3). ``iou_of``: the
+        IoU of a pose against the mask as written (when the search's target was refined by the
+        frame, whose fractional edge is no overlap to judge by); None: the search's own."""
         # the lowest cost with the prior (the tibia's, when it has one); the first start wins a tie
         start, twin = min(found, key=lambda s: s[1].best.cost + s[1].best.prior)
         chosen, rule = twin.best, "cost"
@@ -185,10 +188,11 @@ class TrackModule(pl.LightningModule):
                 chosen, rule = (b if nearer else a), "continuity"
             else:
                 rule = "undecided"
-        review = chosen.iou < self.settings.min_iou or chosen.hit_bounds or rule == "undecided"
+        iou = float(chosen.iou if iou_of is None else iou_of(chosen.pose))
+        review = iou < self.settings.min_iou or chosen.hit_bounds or rule == "undecided"
         reasons = []
-        if chosen.iou < self.settings.min_iou:
-            reasons.append(f"IoU {chosen.iou:.3f} < {self.settings.min_iou}")
+        if iou < self.settings.min_iou:
+            reasons.append(f"IoU {iou:.3f} < {self.settings.min_iou}")
         if chosen.hit_bounds:
             reasons.append("hit a search bound")
         if rule == "undecided":
@@ -196,7 +200,7 @@ class TrackModule(pl.LightningModule):
         return {
             "pose": _row(chosen.pose),
             "cost": float(chosen.cost),
-            "iou": float(chosen.iou),
+            "iou": iou,
             "review": bool(review),
             "start": start,
             "twin": bool(twin.chose_twin if chosen is twin.best else not twin.chose_twin),
@@ -245,7 +249,13 @@ class TrackModule(pl.LightningModule):
         if not found:
             why = "; ".join(problems) or "no start pose (the network found no silhouette)"
             return {"pose": None, "review": True, "reason": why, "start": ""}
-        out = self._choose(part, found, reference, femur)
+        plain = self._target(mask) if self.settings.image and frame is not None else None
+
+        def iou_of(pose: np.ndarray) -> float:
+            assert plain is not None
+            return float(plain.costs(renderer, pose[None], self._edge)["iou"][0])
+
+        out = self._choose(part, found, reference, femur, None if plain is None else iou_of)
         if problems:
             out["reason"] = "; ".join([out["reason"], *problems]).strip("; ")
         out["seconds"] = time.perf_counter() - t0

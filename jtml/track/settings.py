@@ -20,9 +20,12 @@ from typing import Any
 import yaml
 
 from jtml.errors import JTMLError
+from jtml.registration.frame import RegistrationConfig
 from jtml.registration.search import DEFAULT_STAGES, Stage
 
 __all__ = ["FAST_STAGES", "TrackSettings", "load_stages"]
+
+_REGISTRATION = RegistrationConfig()
 
 FAST_STAGES = (
     Stage(range=(10.0, 10.0, 40.0, 15.0, 15.0, 15.0), scale=0.5, population=10, generations=12),
@@ -64,8 +67,8 @@ class TrackSettings:
 
     stages: tuple[Stage, ...] = field(default=DEFAULT_STAGES)
     seed: int = 0
-    min_iou: float = 0.98
-    ambiguous: float = 0.8
+    min_iou: float = _REGISTRATION.min_iou  # jtml refine's thresholds: one review rule
+    ambiguous: float = _REGISTRATION.ambiguous
     backward: bool = False
     priors: bool = True
     image: bool = False
