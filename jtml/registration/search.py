@@ -65,7 +65,7 @@ class Stage:
 
     range: tuple[float, float, float, float, float, float]
     scale: float = 1.0
-    population: int = 16
+    population: int = 16  # CMA-ES candidates per generation; for an outline stage, its starts (1-5)
     generations: int = 40  # CMA-ES generations; for an outline stage, its ICP rounds
     sigma: float = 0.3  # of the box's half-width
     edge_weight: float = 0.02
