@@ -225,6 +225,32 @@ def test_a_mask_refined_by_the_frame_recovers_the_true_edge(tmp_path):
     assert best["refined"] < best["grown"] and best["refined"] <= 4, best
 
 
+def test_the_frame_puts_a_segmentation_like_edge_within_a_fraction_of_a_pixel_of_the_truth(tmp_path):
+    """Segmentation-like masks (eroded/dilated by up to 2 px, ragged, holes, the overlap removed) of
+    1024² ``jtml synth`` frames refined by the frame: the edge's mean offset from the true one
+    (area difference over perimeter, px) drops from ~1 px to ≲ 0.1 px — a tenth of a pixel is ~1 mm
+    of depth on a tibial tray. (One look, with the levels read deep inside the implant where it is
+    darker, left 0.2 px here.)"""
+    from jtml.data.degrade import degrade_mask
+    from jtml.io import read_image
+    from jtml.registration.costs import boundary, image_coverage
+    from jtml.sim.synth import generate_study
+
+    study = generate_study(tmp_path / "s", frames=3, seed=5, size=1024, progress=False)
+    before, after = [], []
+    for i, frame in enumerate(list_images(study)):
+        true = {p: read_mask(study / "Labels" / p / f"{frame.stem}_label_{p}.tif") > 0 for p in STL}
+        rng = np.random.default_rng(i)
+        seg = {p: degrade_mask(true[p], rng, other=true[q]) for p, q in (("fem", "tib"), ("tib", "fem"))}
+        image = read_image(frame)
+        for p, q in (("fem", "tib"), ("tib", "fem")):
+            perimeter = boundary(true[p]).sum()
+            refined = image_coverage(image, seg[p], seg[q]) > 0.5
+            before.append(abs(int(seg[p].sum()) - int(true[p].sum())) / perimeter)
+            after.append(abs(int(refined.sum()) - int(true[p].sum())) / perimeter)
+    assert np.mean(before) > 0.9 and np.mean(after) < 0.15, (before, after)
+
+
 # -- the outline stage ------------------------------------------------------------------------------
 
 
