@@ -23,7 +23,7 @@ lint: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check jtml tests benchmarks
-	$(BIN)/python -m pytest -q --nbmake tests examples
+	$(BIN)/python -m pytest -q --durations=25 --nbmake tests examples
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py
