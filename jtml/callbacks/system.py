@@ -51,7 +51,7 @@ class CPUThreads(pl.Callback):
         if precision.startswith("bf16") and not cpu_has_bf16():
             rank_zero_warn(
                 f"precision {precision} on a CPU without bf16 instructions (AVX512-BF16/AMX): bf16 is "
-                "emulated, ~9x slower than float32 on a 2-core AMD EPYC without AVX-512 (pose_from_mask "
+                "emulated, ~9x slower than float32 on a 2-core AMD EPYC without AVX-512 (demo_pose "
                 "steps 8 s vs 0.9 s); pass --trainer.precision 32-true"
             )
 
