@@ -18,7 +18,8 @@ studies spread over processes, devices and nodes as any Lightning prediction doe
    ``ambiguous``), the tibia takes JointTrack's rule (the smaller varus–valgus angle to this
    frame's femur) and any other part the one nearer (geodesic) to its
    previous pose: the silhouette cannot decide, continuity can. ``review`` when the kept pose's IoU
-   is below ``min_iou``, it hit a search bound, or the twin stayed undecided (a first frame).
+   (against the mask the search used: with ``image`` the frame-refined one) is below ``min_iou``,
+   it hit a search bound, or the twin stayed undecided (a first frame).
 
 With ``backward``, a second pass from frame N−2 down to 0 registers each frame from the next
 frame's final pose and keeps that result when its cost is lower. Each finished frame is appended to
@@ -249,7 +250,11 @@ class TrackModule(pl.LightningModule):
         if not found:
             why = "; ".join(problems) or "no start pose (the network found no silhouette)"
             return {"pose": None, "review": True, "reason": why, "start": ""}
-        plain = self._target(mask) if self.settings.image and frame is not None else None
+        # the IoU reported and flagged: against the frame-refined mask the search used, made binary
+        # (a 256-px network's mask upsampled scores ~0.90 against the truth itself, so against it a
+        # perfect pose is flagged; the coverage's fractional edge pixels would do the same)
+        refined = self.settings.image and frame is not None
+        plain = SilhouetteTarget.from_mask(target.mask, target.device) if refined else None
 
         def iou_of(pose: np.ndarray) -> float:
             assert plain is not None
