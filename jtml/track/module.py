@@ -16,7 +16,8 @@ studies spread over processes, devices and nodes as any Lightning prediction doe
    femur-consistent depth), each mask refined by the frame near its edge with ``image``. When the
    kept search cannot tell the pose from its symmetric twin (their cost ratio above
    ``ambiguous``), the tibia takes JointTrack's rule (the smaller varus–valgus angle to this
-   frame's femur) and any other part the one nearer (geodesic) to its
+   frame's femur) when it is smaller by more than the knee prior's ``varus_sigma`` (else the cost
+   decides), and any other part the one nearer (geodesic) to its
    previous pose: the silhouette cannot decide, continuity can. ``review`` when the kept pose's IoU
    (against the mask the search used: with ``image`` the frame-refined one) is below ``min_iou``,
    it hit a search bound, or the twin stayed undecided (a first frame).
@@ -182,8 +183,11 @@ class TrackModule(pl.LightningModule):
         if twin.ambiguity > self.settings.ambiguous:
             a, b = twin.best, twin.other
             if part == TIBIA and femur is not None:
+                # with a margin: the knee prior is in the cost already, and a twin a few degrees
+                # nearer 0 is no evidence (the rule alone swapped right poses for wrong ones)
                 vv = np.abs(varus_valgus(np.stack([femur, femur]), np.stack([a.pose, b.pose])))
-                chosen, rule = (b if vv[1] < vv[0] else a), "varus-valgus"
+                if vv[1] < vv[0] - REGISTRATION.varus_sigma:
+                    chosen, rule = b, "varus-valgus"
             elif reference is not None:
                 nearer = _geodesic_deg(b.pose, reference) < _geodesic_deg(a.pose, reference)
                 chosen, rule = (b if nearer else a), "continuity"
