@@ -276,6 +276,9 @@ def test_ctrl_c_during_a_checkpoint_write_takes_effect_once_the_checkpoint_is_co
 import os, signal, sys, torch
 from jtml.runs import AtomicCheckpointIO
 
+# Ctrl-C as in a terminal: a child started in the background inherits SIGINT ignored
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
 class CtrlC:
     def __reduce__(self):
         os.kill(os.getpid(), signal.SIGINT)
