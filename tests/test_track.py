@@ -546,3 +546,44 @@ def test_benchmark_parses_its_arguments(capsys):
         assert flag in text
     args = bench.parse_args(["--work", "w", "--frames", "12"])
     assert args.frames == 12 and args.work == Path("w")
+
+
+def _tibia_beside(femur: np.ndarray, flexion: float, varus: float) -> np.ndarray:
+    """A tibia pose row at ``flexion``/``varus`` (°) relative to ``femur``: R_fem · Rz · Rx."""
+    from jtml.geometry import euler312_to_matrix, matrix_to_euler312
+
+    R_f = euler312_to_matrix(torch.as_tensor(femur[3:]))
+    R_rel = euler312_to_matrix(torch.tensor([flexion, varus, 0.0], dtype=torch.float64))
+    return np.array([*femur[:3] + [5.0, -40.0, 3.0], *matrix_to_euler312(R_f @ R_rel).numpy()])
+
+
+@pytest.mark.parametrize(
+    ("part", "vv_pose", "vv_twin", "ambiguity", "femur", "reference", "expect"),
+    [
+        ("tib", 4.0, 0.5, 0.95, True, False, ("twin", "varus-valgus")),  # nearer 0 by 3.5° > varus_sigma
+        ("tib", 2.5, 0.0, 0.95, True, False, ("pose", "cost")),  # by 2.5° only: the cost decides
+        ("tib", 6.0, 0.0, 0.5, True, False, ("pose", "cost")),  # not ambiguous: the cost decides
+        ("tib", 6.0, 0.0, 0.95, False, True, ("twin", "continuity")),  # no femur: the previous pose
+        ("fem", 0.0, 0.0, 0.95, False, True, ("twin", "continuity")),
+        ("fem", 0.0, 0.0, 0.95, False, False, ("pose", "undecided")),
+    ],
+)
+def test_track_twin_choice_takes_the_varus_valgus_rule_only_with_a_margin(
+    part, vv_pose, vv_twin, ambiguity, femur, reference, expect
+):
+    from jtml.registration.search import RefineResult, TwinResult
+    from jtml.track.module import REGISTRATION, choose_twin
+
+    assert REGISTRATION.varus_sigma == 3.0  # the margin the cases above straddle
+    fem = np.array([2.0, -3.0, -900.0, 20.0, 4.0, -6.0])
+    pose, twin = _tibia_beside(fem, 40.0, vv_pose), _tibia_beside(fem, 52.0, vv_twin)
+    result = TwinResult(
+        best=RefineResult(pose, 0.10, 0.97, 10, 0.1, False),
+        other=RefineResult(twin, 0.11, 0.96, 10, 0.1, False),
+        chose_twin=False,
+        ambiguity=ambiguity,
+        review=False,
+    )
+    previous = twin + np.array([0, 0, 0, 1.0, 0, 0]) if reference else None  # 1° from the twin
+    chosen, rule = choose_twin(part, result, 0.8, fem if femur else None, previous)
+    assert (("twin" if chosen is result.other else "pose"), rule) == expect

@@ -55,11 +55,11 @@ from jtml.models.pose import PoseModule
 from jtml.models.segmentation import SegmentationModule
 from jtml.registration.costs import SilhouetteTarget
 from jtml.registration.frame import RegistrationConfig, knee_prior, tibia_start
-from jtml.registration.search import TwinResult, refine_with_twin
+from jtml.registration.search import RefineResult, TwinResult, refine_with_twin
 from jtml.track.journal import Journal, fsync_file, mask_file
 from jtml.track.settings import TrackSettings
 
-__all__ = ["FEMUR", "TIBIA", "TrackModule"]
+__all__ = ["FEMUR", "TIBIA", "TrackModule", "choose_twin"]
 
 FEMUR, TIBIA = "fem", "tib"
 
@@ -79,6 +79,32 @@ def _row(pose: np.ndarray | None) -> list[float] | None:
 def _geodesic_deg(a: np.ndarray, b: np.ndarray) -> float:
     Ra, Rb = euler312_to_matrix(torch.from_numpy(a[3:])), euler312_to_matrix(torch.from_numpy(b[3:]))
     return math.degrees(float(geodesic_angle(Ra, Rb)))
+
+
+def choose_twin(
+    part: str,
+    twin: TwinResult,
+    ambiguous: float,
+    femur: np.ndarray | None = None,
+    reference: np.ndarray | None = None,
+) -> tuple[RefineResult, str]:
+    """The kept one of a search's pose and twin, and the rule that kept it (module docstring, step
+    3): the lower cost, unless their cost ratio is above ``ambiguous``; then, for the tibia beside
+    this frame's ``femur``, the smaller |varus–valgus| when smaller by more than the knee prior's
+    ``varus_sigma`` (the prior is in the cost already: a twin a few degrees nearer 0 is no evidence,
+    and the rule alone swapped right poses for wrong ones), else the cost; for other parts (and a
+    tibia without a femur) the one nearer the previous frame's pose (``reference``), or "undecided"
+    for a first frame."""
+    a, b = twin.best, twin.other
+    if not twin.ambiguity > ambiguous:
+        return a, "cost"
+    if part == TIBIA and femur is not None:
+        vv = np.abs(varus_valgus(np.stack([femur, femur]), np.stack([a.pose, b.pose])))
+        return (b, "varus-valgus") if vv[1] < vv[0] - REGISTRATION.varus_sigma else (a, "cost")
+    if reference is not None:
+        nearer = _geodesic_deg(b.pose, reference) < _geodesic_deg(a.pose, reference)
+        return (b if nearer else a), "continuity"
+    return a, "undecided"
 
 
 class TrackModule(pl.LightningModule):
@@ -179,20 +205,7 @@ class TrackModule(pl.LightningModule):
         frame, whose fractional edge is no overlap to judge by); None: the search's own."""
         # the lowest cost with the prior (the tibia's, when it has one); the first start wins a tie
         start, twin = min(found, key=lambda s: s[1].best.cost + s[1].best.prior)
-        chosen, rule = twin.best, "cost"
-        if twin.ambiguity > self.settings.ambiguous:
-            a, b = twin.best, twin.other
-            if part == TIBIA and femur is not None:
-                # with a margin: the knee prior is in the cost already, and a twin a few degrees
-                # nearer 0 is no evidence (the rule alone swapped right poses for wrong ones)
-                vv = np.abs(varus_valgus(np.stack([femur, femur]), np.stack([a.pose, b.pose])))
-                if vv[1] < vv[0] - REGISTRATION.varus_sigma:
-                    chosen, rule = b, "varus-valgus"
-            elif reference is not None:
-                nearer = _geodesic_deg(b.pose, reference) < _geodesic_deg(a.pose, reference)
-                chosen, rule = (b if nearer else a), "continuity"
-            else:
-                rule = "undecided"
+        chosen, rule = choose_twin(part, twin, self.settings.ambiguous, femur, reference)
         iou = float(chosen.iou if iou_of is None else iou_of(chosen.pose))
         review = iou < self.settings.min_iou or chosen.hit_bounds or rule == "undecided"
         reasons = []
